@@ -1,0 +1,679 @@
+//! The `tomo` command line: `tomo sim`, `tomo dataset info|gen`, `tomo plot`.
+//!
+//! This is the I/O shell around the sans-IO modules: it reads and writes
+//! files, times the throughput loop, draws progress bars and runs sweeps on
+//! a thread pool. `anyhow` is used here and only here.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::dataset::{self, Format, GeoOptions, Matrix, Series, Synthetic};
+use crate::sim::{
+    Evaluation, JitterMode, NodeScore, PairScore, Select, SimConfig, Simulation, TailEvaluation,
+};
+use crate::vivaldi::{self, Profile};
+
+/// tomo: network coordinates, RTT tomography and geo-routing.
+#[derive(Parser, Debug)]
+#[command(name = "tomo", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Simulate the coordinate engine over a dataset and print one JSON line
+    /// of accuracy figures (same keys as the serf peer harness).
+    Sim(SimArgs),
+    /// Inspect or generate topology datasets.
+    #[command(subcommand)]
+    Dataset(DatasetCmd),
+    /// Draw RTT figures from `tomo sim --out` directories or datasets.
+    Plot(crate::plot::PlotArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum DatasetCmd {
+    /// Print nodes, missing fraction, RTT quantiles and TIV fraction (JSON).
+    Info {
+        /// Matrix file (`ltm v1`, `.gz`, series, triples or King-style).
+        file: PathBuf,
+        /// Input format: ltm (also dense/king) or triples.
+        #[arg(long, default_value = "ltm")]
+        format: String,
+        /// Multiply values by this to get ms (default: from `# units:`, else 1).
+        #[arg(long)]
+        scale: Option<f64>,
+        /// Random triples sampled for the TIV fraction.
+        #[arg(long, default_value_t = 100_000)]
+        triples: usize,
+        /// Seed for the TIV sample.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Generate a synthetic topology and write it as `ltm v1`.
+    Gen {
+        /// line | grid | split | circle | random (serf's phantom shapes) | geo.
+        kind: String,
+        /// Number of nodes (default: serf's phantom sizes, geo 300).
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// Output file (`.gz` to compress).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// geo: also write this many jitter slices to OUTPUT's `.series.ltm.gz` sibling.
+        #[arg(long, default_value_t = 0)]
+        slices: usize,
+        /// geo: log-sd of per-pair route inflation (TIVs).
+        #[arg(long, default_value_t = 0.15)]
+        geo_sigma: f64,
+        /// geo: one-sided multiplicative jitter of the slices.
+        #[arg(long, default_value_t = 0.1)]
+        jitter: f64,
+    },
+}
+
+/// `tomo sim` arguments.
+#[derive(Args, Debug, Clone)]
+struct SimArgs {
+    /// Truth matrix (`ltm v1`, `.gz`, triples with --format triples, King-style with --scale).
+    #[arg(long, conflicts_with = "synthetic")]
+    dataset: Option<PathBuf>,
+    /// Format of --dataset: ltm (also dense/king) or triples.
+    #[arg(long, default_value = "ltm")]
+    format: String,
+    /// Multiply dataset values by this to get ms (default: `# units:` header, else 1).
+    #[arg(long)]
+    scale: Option<f64>,
+    /// Generate instead: line | grid | split | circle | random | geo.
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// Nodes for --synthetic; for --dataset, keep only the first N.
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Rounds; in each, every node probes --k peers (one round ≈ one probe interval).
+    #[arg(long, default_value_t = 1000)]
+    rounds: usize,
+    /// Peers probed per node per round.
+    #[arg(long, default_value_t = 1)]
+    k: usize,
+    /// Peer selection: random (uniform) | shuffle (memberlist's shuffled walk).
+    #[arg(long, default_value = "random")]
+    select: String,
+    /// Multiplicative RTT jitter J (0 = exact RTTs).
+    #[arg(long, default_value_t = 0.0)]
+    jitter: f64,
+    /// queue: rtt·(1+J·|z|) one-sided | sym: rtt·(1+U(−J,J)).
+    #[arg(long, default_value = "queue")]
+    jitter_mode: String,
+    /// Replay observations from this `ltm` series (same node order as --dataset); truth stays --dataset.
+    #[arg(long)]
+    observe: Option<PathBuf>,
+    /// Coordinate dimensions (default 8).
+    #[arg(long)]
+    dim: Option<usize>,
+    /// Engine profile: tomo (default) or serf (serf 0.9.4 exactly).
+    #[arg(long, default_value = "tomo")]
+    profile: String,
+    /// Override an engine parameter, e.g. `--set short_link_alpha=0.5` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Also record accuracy every E rounds (convergence).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Drop nodes with fewer known peers than this.
+    #[arg(long, default_value_t = 1)]
+    min_known: usize,
+    /// Updates in the throughput loop (0 = skip).
+    #[arg(long, default_value_t = 200_000)]
+    bench_updates: usize,
+    /// Repeats of the throughput loop (median and best reported).
+    #[arg(long, default_value_t = 3)]
+    bench_repeat: usize,
+    /// Write run.json, pairs.csv, nodes.csv, coords.csv and rounds.csv here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Sweep a parameter, e.g. `--sweep seed=1,2,3 --sweep profile=tomo,serf`;
+    /// runs the cartesian product in parallel, one JSON line each, in order.
+    #[arg(long, value_name = "KEY=V1,V2,..")]
+    sweep: Vec<String>,
+    /// Worker threads for --sweep (default: all cores). Results do not depend on it.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Labels (`*.nodes.csv` with a dc/region/continent column); default: the dataset's sibling if present.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tomo: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Sim(a) => sim_cmd(a),
+        Command::Dataset(d) => dataset_cmd(d),
+        Command::Plot(p) => Ok(crate::plot::run(&p)?),
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Loads a matrix file.
+pub fn load_matrix(path: &Path, format: &str, scale: Option<f64>) -> Result<Matrix> {
+    let format: Format = format.parse()?;
+    let bytes = read(path)?;
+    dataset::parse_matrix(&bytes, format, scale)
+        .with_context(|| format!("reading {}", path.display()))
+}
+
+fn load_series(path: &Path, scale: Option<f64>) -> Result<Series> {
+    let bytes = read(path)?;
+    let text =
+        dataset::decode_text(&bytes).with_context(|| format!("reading {}", path.display()))?;
+    dataset::parse_series(&text, scale).with_context(|| format!("reading {}", path.display()))
+}
+
+/// `X.ltm`, `X.median.ltm`, `X.series.ltm.gz`, `X.avg.ltm` → `X.nodes.csv`.
+fn sibling_labels(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let stem = name.split('.').next()?;
+    let p = path.with_file_name(format!("{stem}.nodes.csv"));
+    p.exists().then_some(p)
+}
+
+fn dataset_cmd(d: DatasetCmd) -> Result<()> {
+    match d {
+        DatasetCmd::Info {
+            file,
+            format,
+            scale,
+            triples,
+            seed,
+        } => {
+            let m = load_matrix(&file, &format, scale)?;
+            let inf = dataset::info(&m, triples, seed);
+            let mut v = serde_json::to_value(&inf)?;
+            v["file"] = json!(file.display().to_string());
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        DatasetCmd::Gen {
+            kind,
+            nodes,
+            output,
+            seed,
+            slices,
+            geo_sigma,
+            jitter,
+        } => {
+            let kind: Synthetic = kind.parse()?;
+            let n = nodes.unwrap_or(kind.default_nodes());
+            let opts = GeoOptions {
+                sigma: geo_sigma,
+                slices,
+                jitter,
+                ..GeoOptions::default()
+            };
+            if slices > 0 && kind != Synthetic::Geo {
+                bail!("--slices is only for the geo generator");
+            }
+            let g = dataset::generate(kind, n, seed, &opts)?;
+            let name = output
+                .file_name()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.split('.').next())
+                .unwrap_or("synthetic")
+                .to_string();
+            let comments = vec![
+                format!(
+                    "source: tomo dataset gen {} --nodes {n} --seed {seed}",
+                    kind.name()
+                ),
+                format!("generator: {}", serde_json::to_string(&opts)?),
+            ];
+            write_maybe_gz(
+                &output,
+                dataset::to_ltm(&g.matrix, &name, &comments).as_bytes(),
+            )?;
+            if let (Some(places), Some(labels)) = (&g.places, &g.matrix.labels) {
+                let p = output.with_file_name(format!("{name}.nodes.csv"));
+                let mut s = String::from("index,metro,dc,lat,lon\n");
+                for (i, ((metro, lat, lon), dc)) in places.iter().zip(labels).enumerate() {
+                    s.push_str(&format!("{i},{metro},{dc},{lat:.4},{lon:.4}\n"));
+                }
+                std::fs::write(&p, s).with_context(|| format!("writing {}", p.display()))?;
+                eprintln!("wrote {}", p.display());
+            }
+            if let Some(series) = &g.series {
+                let p = output.with_file_name(format!("{name}.series.ltm.gz"));
+                write_maybe_gz(
+                    &p,
+                    dataset::series_to_ltm(series, &name, &comments).as_bytes(),
+                )?;
+                eprintln!("wrote {}", p.display());
+            }
+            eprintln!("wrote {} ({n} nodes)", output.display());
+            Ok(())
+        }
+    }
+}
+
+fn write_maybe_gz(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut e = flate2::write::GzEncoder::new(f, flate2::Compression::default());
+        e.write_all(bytes)?;
+        e.finish()?;
+    } else {
+        let mut w = std::io::BufWriter::new(f);
+        w.write_all(bytes)?;
+        w.flush()?;
+    }
+    Ok(())
+}
+
+/// Applies `KEY=VALUE` overrides to an engine configuration.
+fn apply_sets(cfg: &mut vivaldi::Config, sets: &[String]) -> Result<()> {
+    if sets.is_empty() {
+        return Ok(());
+    }
+    let mut v = serde_json::to_value(&*cfg)?;
+    for s in sets {
+        let (k, val) = s
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--set wants KEY=VALUE, got {s:?}"))?;
+        let obj = v.as_object_mut().expect("config is an object");
+        let Some(slot) = obj.get_mut(k) else {
+            let keys: Vec<&String> = obj.keys().collect();
+            bail!("unknown engine parameter {k:?}; known: {keys:?}");
+        };
+        *slot = serde_json::from_str(val).unwrap_or(Value::String(val.to_string()));
+    }
+    *cfg = serde_json::from_value(v).context("--set")?;
+    cfg.validate()?;
+    Ok(())
+}
+
+/// The input of one simulation, loaded once and shared by sweep runs.
+struct Input {
+    matrix: Matrix,
+    series: Option<Series>,
+    params: Value,
+}
+
+fn load_input(a: &SimArgs) -> Result<Input> {
+    let mut params = serde_json::Map::new();
+    let (mut m, series) = match (&a.dataset, &a.synthetic) {
+        (Some(path), None) => {
+            let mut m = load_matrix(path, &a.format, a.scale)?;
+            let labels = a.labels.clone().or_else(|| sibling_labels(path));
+            if let Some(lp) = labels {
+                let text = std::fs::read_to_string(&lp)
+                    .with_context(|| format!("reading {}", lp.display()))?;
+                m.labels = dataset::parse_labels(&text, m.n);
+            }
+            m.truncate(a.nodes.unwrap_or(0));
+            params.insert("source".into(), json!(path.display().to_string()));
+            params.insert("format".into(), json!(a.format));
+            let series = match &a.observe {
+                Some(o) => {
+                    let s = load_series(o, a.scale)?;
+                    params.insert("observe".into(), json!(o.display().to_string()));
+                    params.insert("observe_slices".into(), json!(s.slices.len()));
+                    Some(s)
+                }
+                None => None,
+            };
+            (m, series)
+        }
+        (None, Some(kind)) => {
+            if a.observe.is_some() {
+                bail!("--observe needs --dataset (the truth, in the same node order)");
+            }
+            let kind: Synthetic = kind.parse()?;
+            let n = a.nodes.unwrap_or(kind.default_nodes());
+            let g = dataset::generate(kind, n, a.seed, &GeoOptions::default())?;
+            params.insert("source".into(), json!(format!("synthetic:{}", kind.name())));
+            params.insert("synthetic".into(), json!(kind.name()));
+            (g.matrix, None)
+        }
+        _ => bail!("give --dataset FILE or --synthetic KIND"),
+    };
+    m.symmetrize();
+    let dropped = m.drop_isolated(a.min_known);
+    let kp = m.known_pairs();
+    params.insert("scale_to_ms".into(), json!(a.scale.unwrap_or(1.0)));
+    params.insert("nodes".into(), json!(m.n));
+    params.insert("dropped_isolated_nodes".into(), json!(dropped));
+    params.insert("known_pairs".into(), json!(kp));
+    params.insert(
+        "known_pair_fraction".into(),
+        json!(if m.n > 1 {
+            2.0 * kp as f64 / (m.n * (m.n - 1)) as f64
+        } else {
+            0.0
+        }),
+    );
+    Ok(Input {
+        matrix: m,
+        series,
+        params: Value::Object(params),
+    })
+}
+
+/// Everything `tomo sim` prints for one run.
+#[derive(Serialize)]
+struct Output {
+    harness: &'static str,
+    params: Value,
+    result: Evaluation,
+    updates_per_s: f64,
+    updates_per_s_best: f64,
+    ns_per_update: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    series_tail: Option<TailEvaluation>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    convergence: Vec<[f64; 2]>,
+}
+
+fn sim_config(a: &SimArgs) -> Result<SimConfig> {
+    let profile: Profile = a.profile.parse()?;
+    let mut engine = vivaldi::Config::for_profile(profile);
+    if let Some(d) = a.dim {
+        engine.dimensionality = d;
+    }
+    apply_sets(&mut engine, &a.set)?;
+    let select: Select = a.select.parse()?;
+    let jitter_mode: JitterMode = a.jitter_mode.parse()?;
+    if a.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let mut eval_every = a.eval_every;
+    if a.out.is_some() && eval_every == 0 {
+        // rounds.csv wants a curve; evaluation never changes the run.
+        eval_every = (a.rounds / 50).max(1);
+    }
+    Ok(SimConfig {
+        rounds: a.rounds,
+        k: a.k,
+        select,
+        jitter: a.jitter,
+        jitter_mode,
+        seed: a.seed,
+        engine,
+        eval_every,
+    })
+}
+
+fn progress_bar(len: u64, show: bool) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    if !show || !std::io::stderr().is_terminal() || std::env::var_os("CI").is_some() {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} rounds ({eta} left)")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+/// Runs one simulation and returns its output.
+fn run_one(input: &Input, a: &SimArgs, cfg: SimConfig, show_progress: bool) -> Result<Output> {
+    let mut params = input.params.clone();
+    let t0 = Instant::now();
+    let mut sim = Simulation::new(&input.matrix, input.series.as_ref(), cfg.clone())?;
+    let pb = progress_bar(
+        cfg.rounds as u64,
+        show_progress && input.matrix.n * cfg.rounds >= 200_000,
+    );
+    pb.set_message(format!("{} n={}", cfg.engine.profile, input.matrix.n));
+    sim.run(|r| pb.set_position(r as u64));
+    pb.finish_and_clear();
+    let wall = t0.elapsed().as_secs_f64();
+    let mut pairs = Vec::new();
+    let mut nodes = Vec::new();
+    let want_out = a.out.is_some();
+    let result = sim.evaluate(
+        want_out.then_some(&mut pairs),
+        want_out.then_some(&mut nodes),
+    );
+    let series_tail = sim.tail_evaluation();
+    let (updates, rejected) = sim.update_counts();
+    // Throughput: pre-generated ops, timed loop only (the harness's method).
+    let (mut ups, mut best) = (f64::NAN, f64::NAN);
+    if a.bench_updates > 0 {
+        let ops = sim.bench_ops(a.bench_updates);
+        let snap = sim.bench_snapshot();
+        let mut rates = Vec::new();
+        for _ in 0..a.bench_repeat.max(1) {
+            let t = Instant::now();
+            sim.apply_bench_ops(&ops, &snap);
+            rates.push(ops.len() as f64 / t.elapsed().as_secs_f64());
+        }
+        rates.sort_by(f64::total_cmp);
+        ups = rates[rates.len() / 2];
+        best = rates[rates.len() - 1];
+    }
+    let p = params.as_object_mut().expect("object");
+    p.insert("rounds".into(), json!(cfg.rounds));
+    p.insert("peers_per_round".into(), json!(cfg.k));
+    p.insert("select".into(), json!(cfg.select));
+    p.insert("jitter".into(), json!(cfg.jitter));
+    p.insert("jitter_mode".into(), json!(cfg.jitter_mode));
+    p.insert("seed".into(), json!(cfg.seed));
+    p.insert("dimensionality".into(), json!(cfg.engine.dimensionality));
+    p.insert("profile".into(), json!(cfg.engine.profile));
+    p.insert("engine_config".into(), serde_json::to_value(&cfg.engine)?);
+    p.insert("updates_applied".into(), json!(updates));
+    p.insert("updates_rejected".into(), json!(rejected));
+    if input.series.is_some() {
+        p.insert("observe_missing".into(), json!(sim.observe_missing()));
+    }
+    p.insert("sim_wall_s".into(), json!(wall));
+    p.insert("bench_updates".into(), json!(a.bench_updates));
+    p.insert("bench_repeat".into(), json!(a.bench_repeat));
+    p.insert("tomo_version".into(), json!(env!("CARGO_PKG_VERSION")));
+    let out = Output {
+        harness: "tomo",
+        params,
+        result,
+        updates_per_s: ups,
+        updates_per_s_best: best,
+        ns_per_update: 1e9 / ups,
+        series_tail,
+        convergence: sim.convergence().to_vec(),
+    };
+    if let Some(dir) = &a.out {
+        write_out_dir(dir, &out, &sim, &input.matrix, &pairs, &nodes)?;
+    }
+    Ok(out)
+}
+
+fn write_out_dir(
+    dir: &Path,
+    out: &Output,
+    sim: &Simulation<'_>,
+    m: &Matrix,
+    pairs: &[PairScore],
+    nodes: &[NodeScore],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let w = |name: &str, body: String| -> Result<()> {
+        let p = dir.join(name);
+        std::fs::write(&p, body).with_context(|| format!("writing {}", p.display()))
+    };
+    w("run.json", serde_json::to_string_pretty(out)? + "\n")?;
+    let mut s = String::from("i,j,actual_ms,estimate_ms,rel_err\n");
+    for p in pairs {
+        s.push_str(&format!(
+            "{},{},{:.4},{:.4},{:.6}\n",
+            p.i,
+            p.j,
+            p.actual_ms,
+            p.estimate_ms,
+            (p.estimate_ms - p.actual_ms).abs() / p.actual_ms
+        ));
+    }
+    w("pairs.csv", s)?;
+    let coords = sim.coordinates();
+    let label = |i: usize| m.labels.as_ref().map(|l| l[i].clone()).unwrap_or_default();
+    let mut s = String::from("node,label,true_nearest,predicted_nearest,stretch\n");
+    for n in nodes {
+        s.push_str(&format!(
+            "{},{},{},{},{:.6}\n",
+            n.node,
+            label(n.node as usize),
+            n.true_nearest,
+            n.predicted_nearest,
+            n.stretch
+        ));
+    }
+    w("nodes.csv", s)?;
+    let dim = coords.first().map_or(0, |c| c.vec.len());
+    let mut s = String::from("node,label,error,height_ms,adjustment_ms");
+    for d in 0..dim {
+        s.push_str(&format!(",x{d}_ms"));
+    }
+    s.push('\n');
+    for (i, c) in coords.iter().enumerate() {
+        s.push_str(&format!(
+            "{i},{},{:.6},{:.6},{:.6}",
+            label(i),
+            c.error,
+            c.height * 1e3,
+            c.adjustment * 1e3
+        ));
+        for v in &c.vec {
+            s.push_str(&format!(",{:.6}", v * 1e3));
+        }
+        s.push('\n');
+    }
+    w("coords.csv", s)?;
+    let mut s =
+        String::from("round,median_rel_err,p90_rel_err,p99_rel_err,nn_accuracy,nn_recall_at_5\n");
+    for r in sim.rounds_log() {
+        s.push_str(&format!(
+            "{},{:.6},{:.6},{:.6},{:.6},{:.6}\n",
+            r.round,
+            r.median_rel_err,
+            r.p90_rel_err,
+            r.p99_rel_err,
+            r.nn_accuracy,
+            r.nn_recall_at_5
+        ));
+    }
+    w("rounds.csv", s)?;
+    Ok(())
+}
+
+/// Expands `--sweep` specs into one argument set per run (cartesian product).
+fn expand_sweep(a: &SimArgs) -> Result<Vec<SimArgs>> {
+    let mut runs = vec![a.clone()];
+    for spec in &a.sweep {
+        let (k, vals) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--sweep wants KEY=V1,V2, got {spec:?}"))?;
+        let vals: Vec<String> = if let Some((lo, hi)) = vals.split_once("..") {
+            let (lo, hi): (u64, u64) = (lo.parse()?, hi.parse()?);
+            (lo..=hi).map(|v| v.to_string()).collect()
+        } else {
+            vals.split(',').map(str::to_string).collect()
+        };
+        let mut next = Vec::new();
+        for r in &runs {
+            for v in &vals {
+                let mut x = r.clone();
+                match k {
+                    "seed" => x.seed = v.parse()?,
+                    "profile" => x.profile = v.clone(),
+                    "dim" => x.dim = Some(v.parse()?),
+                    "k" => x.k = v.parse()?,
+                    "rounds" => x.rounds = v.parse()?,
+                    "jitter" => x.jitter = v.parse()?,
+                    "select" => x.select = v.clone(),
+                    engine => x.set.push(format!("{engine}={v}")),
+                }
+                x.out = r.out.as_ref().map(|o| o.join(format!("{k}={v}")));
+                next.push(x);
+            }
+        }
+        runs = next;
+    }
+    Ok(runs)
+}
+
+fn sim_cmd(a: SimArgs) -> Result<()> {
+    let input = load_input(&a)?;
+    if a.sweep.is_empty() {
+        let cfg = sim_config(&a)?;
+        let out = run_one(&input, &a, cfg, true)?;
+        println!("{}", serde_json::to_string(&out)?);
+        return Ok(());
+    }
+    if a.sweep.iter().any(|s| s.starts_with("seed=")) && a.synthetic.is_some() {
+        eprintln!(
+            "note: --synthetic topologies are generated once, with --seed {}",
+            a.seed
+        );
+    }
+    let runs = expand_sweep(&a)?;
+    let cfgs = runs.iter().map(sim_config).collect::<Result<Vec<_>>>()?;
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let pb = ProgressBar::new(runs.len() as u64);
+    if !std::io::stderr().is_terminal() || std::env::var_os("CI").is_some() {
+        pb.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    // Each run is single-threaded and seeded, so the figures do not depend on
+    // the thread count; only the throughput figures do.
+    let outs: Vec<Result<Output>> = pool.install(|| {
+        runs.par_iter()
+            .zip(cfgs)
+            .map(|(r, c)| {
+                let o = run_one(&input, r, c, false);
+                pb.inc(1);
+                o
+            })
+            .collect()
+    });
+    pb.finish_and_clear();
+    for o in outs {
+        println!("{}", serde_json::to_string(&o?)?);
+    }
+    Ok(())
+}

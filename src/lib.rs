@@ -1,0 +1,39 @@
+//! # tomo: network tomography and geo-routing
+//!
+//! tomo estimates how far every node, service instance and datacenter is
+//! (at p50 and, later, p99) from gossip-fed network coordinates, and picks
+//! the nearest. This crate holds the engine, the offline tools around it and,
+//! behind the default `io` feature, the command-line front end.
+//!
+//! ## Module map
+//!
+//! Always compiled, no I/O (`cargo check --lib --no-default-features`):
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`vivaldi`] | coordinates (Consul's `Coord` JSON), the update rule, latency filters, distance; the serf-compatible profile and tomo's default profile |
+//! | [`dataset`] | RTT matrices and series (`ltm v1`, triples, King-style), summaries (`dataset info`), synthetic generators (serf's phantom shapes, the geo model) |
+//! | [`sim`] | the round-based simulator and its metrics, defined exactly as the serf peer harness defines them |
+//! | [`stats`] | nearest-rank quantiles shared by the above |
+//!
+//! Behind the `io` feature:
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | `plot` | PNG/SVG figures (plotters) from `tomo sim --out` directories and datasets |
+//! | `cli` | the `tomo` command (clap): `sim`, `dataset`, `plot`; the binary's `main` only calls it |
+//!
+//! The shape the later modules (gossip, tomography, catalog, agent, server,
+//! proxy) grow into is `../shared/docs/architecture.md`.
+
+#![warn(missing_docs)]
+
+pub mod dataset;
+pub mod sim;
+pub mod stats;
+pub mod vivaldi;
+
+#[cfg(feature = "io")]
+pub mod cli;
+#[cfg(feature = "io")]
+pub mod plot;

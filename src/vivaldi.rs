@@ -1,0 +1,870 @@
+//! The Vivaldi network-coordinate engine.
+//!
+//! A [`Coordinate`] is a point in a low-dimensional Euclidean space plus a
+//! non-Euclidean height, an adjustment term and an error estimate; the
+//! estimated RTT between two nodes is the distance between their coordinates.
+//! A [`Node`] owns one node's coordinate and learns it from RTT samples to
+//! peers (the sample plus the peer's coordinate, which rides in the probe's
+//! ack).
+//!
+//! Two profiles share the code:
+//!
+//! * [`Profile::Serf`]: HashiCorp serf 0.9.4's `DefaultConfig()` and update
+//!   rule exactly (`../shared/docs/vivaldi.md` §1), kept as the yardstick.
+//! * [`Profile::Tomo`] (the default): the same spring model with the changes
+//!   that `sims/RESULTS.md` justifies by measurement: a monotone distance
+//!   (no serf adjustment fallback), gravity expressed in milliseconds, a
+//!   low-percentile latency filter over a longer window, steps weighted so that
+//!   short links are not drowned out by long ones, replay of the closest known
+//!   peers (local refinement, no extra probes) and a smoothed published
+//!   coordinate.
+//!
+//! Everything here is sans-IO: time and randomness come in as arguments.
+//! Lengths are seconds (`f64`), as in Consul's `Coord` JSON.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+
+use rand::{Rng, RngExt};
+use serde::{Deserialize, Serialize};
+
+/// Largest RTT accepted as a sample, in seconds (serf's `maxRTT`).
+pub const MAX_RTT_S: f64 = 10.0;
+
+/// Below this (1 µs) two lengths are treated as equal (serf's `zeroThreshold`).
+const ZERO_THRESHOLD: f64 = 1.0e-6;
+
+/// Most samples a per-peer latency filter can hold.
+pub const MAX_FILTER_SIZE: usize = 16;
+
+/// What can go wrong when feeding the engine. Every error leaves the node's
+/// state exactly as it was.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum VivaldiError {
+    /// The RTT was NaN, infinite, zero, negative or above [`MAX_RTT_S`].
+    #[error("invalid RTT {0} s: must be finite, > 0 and <= {MAX_RTT_S} s")]
+    InvalidRtt(f64),
+    /// The peer's coordinate has another dimensionality than ours.
+    #[error("dimensionality mismatch: ours is {expected}, the peer's is {got}")]
+    DimensionMismatch {
+        /// Our dimensionality.
+        expected: usize,
+        /// The peer's.
+        got: usize,
+    },
+    /// The peer's coordinate has a NaN or infinite field.
+    #[error("peer coordinate has a non-finite field")]
+    NonFiniteCoordinate,
+    /// The configuration is unusable (for example zero dimensions).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+}
+
+/// A network coordinate, serialized exactly like Consul's `Coord`
+/// (`{"Vec":[…],"Error":…,"Adjustment":…,"Height":…}`, lengths in seconds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Coordinate {
+    /// Euclidean part, seconds.
+    #[serde(rename = "Vec")]
+    pub vec: Vec<f64>,
+    /// The node's confidence in its own coordinate (dimensionless relative error).
+    #[serde(rename = "Error")]
+    pub error: f64,
+    /// Additive correction learned from residuals (serf's adjustment), seconds.
+    #[serde(rename = "Adjustment")]
+    pub adjustment: f64,
+    /// Non-Euclidean access-link height, seconds.
+    #[serde(rename = "Height")]
+    pub height: f64,
+}
+
+impl Coordinate {
+    /// A fresh coordinate at the origin, as serf's `NewCoordinate`.
+    pub fn origin(config: &Config) -> Self {
+        Coordinate {
+            vec: vec![0.0; config.dimensionality],
+            error: config.error_max,
+            adjustment: 0.0,
+            height: config.height_min,
+        }
+    }
+
+    /// True when every field is finite (serf's `IsValid`).
+    pub fn is_valid(&self) -> bool {
+        self.vec.iter().all(|v| v.is_finite())
+            && self.error.is_finite()
+            && self.adjustment.is_finite()
+            && self.height.is_finite()
+    }
+
+    /// Checks that `other` can be compared with a coordinate of `dim` dimensions.
+    pub fn check(&self, dim: usize) -> Result<(), VivaldiError> {
+        if self.vec.len() != dim {
+            return Err(VivaldiError::DimensionMismatch {
+                expected: dim,
+                got: self.vec.len(),
+            });
+        }
+        if !self.is_valid() {
+            return Err(VivaldiError::NonFiniteCoordinate);
+        }
+        Ok(())
+    }
+
+    /// Euclidean distance plus both heights, seconds (no adjustment).
+    pub fn raw_distance_to(&self, other: &Coordinate) -> f64 {
+        euclid(&self.vec, &other.vec) + self.height + other.height
+    }
+
+    /// Estimated RTT in seconds, exactly as serf's `DistanceTo`: the raw
+    /// distance plus both adjustments, falling back to the raw distance when
+    /// the adjusted one is not positive. With zero adjustments (tomo's
+    /// profile) this is the raw distance, which is monotone in the embedding.
+    /// Symmetric and never negative.
+    pub fn distance_to(&self, other: &Coordinate) -> f64 {
+        let raw = self.raw_distance_to(other);
+        let adjusted = raw + self.adjustment + other.adjustment;
+        if adjusted > 0.0 { adjusted } else { raw }
+    }
+}
+
+/// Euclidean distance between two equally long vectors.
+#[inline]
+fn euclid(a: &[f64], b: &[f64]) -> f64 {
+    let mut s = 0.0;
+    for (x, y) in a.iter().zip(b) {
+        let d = x - y;
+        s += d * d;
+    }
+    s.sqrt()
+}
+
+/// Which rule set a [`Node`] follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// serf 0.9.4, exactly.
+    Serf,
+    /// tomo's measured improvements (the default).
+    #[default]
+    Tomo,
+}
+
+impl std::str::FromStr for Profile {
+    type Err = VivaldiError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "serf" => Ok(Profile::Serf),
+            "tomo" => Ok(Profile::Tomo),
+            other => Err(VivaldiError::InvalidConfig(format!(
+                "unknown profile {other:?} (serf|tomo)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Profile::Serf => "serf",
+            Profile::Tomo => "tomo",
+        })
+    }
+}
+
+/// Engine parameters. [`Config::serf`] and [`Config::tomo`] give the two
+/// profiles; every field can be changed for experiments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// Which profile these values started from (informational).
+    pub profile: Profile,
+    /// Euclidean dimensions (plus the height).
+    pub dimensionality: usize,
+    /// Initial error and its upper clamp.
+    pub error_max: f64,
+    /// Lower clamp of the error (serf: none, i.e. 0).
+    pub error_min: f64,
+    /// Max weight of one observation on the error EWMA (Vivaldi's c_e).
+    pub ce: f64,
+    /// Max fraction of the residual applied to the position (Vivaldi's c_c).
+    pub cc: f64,
+    /// Ring of residuals for serf's adjustment term; 0 disables it.
+    pub adjustment_window: usize,
+    /// Floor of the height, seconds.
+    pub height_min: f64,
+    /// Samples kept per peer by the latency filter (1..=16).
+    pub latency_filter_size: usize,
+    /// Which order statistic of the kept samples is used: 0.5 is serf's
+    /// (upper) median, 0.25 the 25th-percentile "MP" filter of Ledlie et al.
+    pub latency_filter_quantile: f64,
+    /// Gravity strength towards the origin, **seconds** (serf: 150).
+    pub gravity_rho: f64,
+    /// Short-link weighting exponent: the step on a link of RTT `r` is scaled
+    /// by `min(1, (r_ref / r)^alpha)`, `r_ref` being the node's running
+    /// geometric mean of filtered RTTs. 0 = serf (no weighting).
+    pub short_link_alpha: f64,
+    /// Closest peers remembered for local refinement (0 = off).
+    pub neighbors: usize,
+    /// Remembered close peers replayed after each real update.
+    pub refine_steps: usize,
+    /// Weight of a replayed step relative to a real one.
+    pub refine_weight: f64,
+    /// EWMA weight of the newest position in the published coordinate
+    /// (1.0 = publish the raw coordinate, as serf does).
+    pub publish_smoothing: f64,
+}
+
+impl Config {
+    /// serf 0.9.4 `DefaultConfig()`.
+    pub fn serf() -> Self {
+        Config {
+            profile: Profile::Serf,
+            dimensionality: 8,
+            error_max: 1.5,
+            error_min: 0.0,
+            ce: 0.25,
+            cc: 0.25,
+            adjustment_window: 20,
+            height_min: 10.0e-6,
+            latency_filter_size: 3,
+            latency_filter_quantile: 0.5,
+            gravity_rho: 150.0,
+            short_link_alpha: 0.0,
+            neighbors: 0,
+            refine_steps: 0,
+            refine_weight: 0.0,
+            publish_smoothing: 1.0,
+        }
+    }
+
+    /// tomo's default profile (each departure from serf is justified in
+    /// `sims/RESULTS.md`).
+    pub fn tomo() -> Self {
+        Config {
+            profile: Profile::Tomo,
+            dimensionality: 8,
+            error_max: 1.5,
+            error_min: 0.01,
+            ce: 0.25,
+            cc: 0.25,
+            adjustment_window: 0,
+            height_min: 10.0e-6,
+            latency_filter_size: 4,
+            latency_filter_quantile: 0.25,
+            // 512 ms expressed the way the force formula wants it (seconds
+            // units): rho_s = rho_ms / sqrt(1000).
+            gravity_rho: gravity_rho_from_ms(512.0),
+            short_link_alpha: 1.0,
+            neighbors: 8,
+            refine_steps: 1,
+            refine_weight: 1.0,
+            publish_smoothing: 1.0,
+        }
+    }
+
+    /// The configuration of a profile.
+    pub fn for_profile(profile: Profile) -> Self {
+        match profile {
+            Profile::Serf => Config::serf(),
+            Profile::Tomo => Config::tomo(),
+        }
+    }
+
+    /// Checks the values make sense.
+    pub fn validate(&self) -> Result<(), VivaldiError> {
+        let bad = |m: &str| Err(VivaldiError::InvalidConfig(m.to_string()));
+        if self.dimensionality == 0 || self.dimensionality > 64 {
+            return bad("dimensionality must be 1..=64");
+        }
+        if !(1..=MAX_FILTER_SIZE).contains(&self.latency_filter_size) {
+            return bad("latency_filter_size must be 1..=16");
+        }
+        if !(0.0..=1.0).contains(&self.latency_filter_quantile) {
+            return bad("latency_filter_quantile must be in [0, 1]");
+        }
+        if !(self.error_max > 0.0 && self.error_min >= 0.0 && self.error_min <= self.error_max) {
+            return bad("need 0 <= error_min <= error_max, error_max > 0");
+        }
+        if !(self.ce > 0.0 && self.ce <= 1.0 && self.cc > 0.0 && self.cc <= 1.0) {
+            return bad("ce and cc must be in (0, 1]");
+        }
+        if !(self.gravity_rho > 0.0 && self.height_min > 0.0) {
+            return bad("gravity_rho and height_min must be > 0");
+        }
+        if !(self.publish_smoothing > 0.0 && self.publish_smoothing <= 1.0) {
+            return bad("publish_smoothing must be in (0, 1]");
+        }
+        if !(self.short_link_alpha >= 0.0 && self.refine_weight >= 0.0) {
+            return bad("short_link_alpha and refine_weight must be >= 0");
+        }
+        Ok(())
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::tomo()
+    }
+}
+
+/// Converts a gravity constant given in milliseconds (as in Ledlie et al.)
+/// to the seconds-based `gravity_rho` the force formula `(d/rho)^2` uses.
+pub fn gravity_rho_from_ms(rho_ms: f64) -> f64 {
+    rho_ms / 1000f64.sqrt()
+}
+
+/// Counters a node keeps about itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Samples accepted.
+    pub updates: u64,
+    /// Samples rejected (bad RTT or bad peer coordinate).
+    pub rejected: u64,
+    /// Times the coordinate became non-finite and was reset (serf's `Resets`).
+    pub resets: u64,
+}
+
+/// Per-peer state: the latency filter's ring and, in tomo's profile, the
+/// peer's last coordinate for local refinement.
+#[derive(Debug, Clone)]
+struct PeerState {
+    samples: [f64; MAX_FILTER_SIZE],
+    len: u8,
+    next: u8,
+    filtered: f64,
+    coord: Option<Coordinate>,
+}
+
+impl PeerState {
+    fn new() -> Self {
+        PeerState {
+            samples: [0.0; MAX_FILTER_SIZE],
+            len: 0,
+            next: 0,
+            filtered: 0.0,
+            coord: None,
+        }
+    }
+
+    /// Adds a sample and returns the filtered value: the order statistic at
+    /// `q` of the last `size` samples (`q = 0.5` gives serf's upper median).
+    fn push(&mut self, rtt: f64, size: usize, q: f64) -> f64 {
+        let size = size.min(MAX_FILTER_SIZE);
+        if (self.len as usize) < size {
+            self.samples[self.len as usize] = rtt;
+            self.len += 1;
+            self.next = self.len % size as u8;
+        } else {
+            self.samples[self.next as usize] = rtt;
+            self.next = ((self.next as usize + 1) % size) as u8;
+        }
+        let n = self.len as usize;
+        let mut sorted = [0.0f64; MAX_FILTER_SIZE];
+        sorted[..n].copy_from_slice(&self.samples[..n]);
+        // Insertion sort: n <= 16 and usually 3 or 4.
+        for i in 1..n {
+            let v = sorted[i];
+            let mut j = i;
+            while j > 0 && sorted[j - 1] > v {
+                sorted[j] = sorted[j - 1];
+                j -= 1;
+            }
+            sorted[j] = v;
+        }
+        let idx = ((q * (n - 1) as f64) + 0.5).floor() as usize;
+        self.filtered = sorted[idx.min(n - 1)];
+        self.filtered
+    }
+}
+
+/// A fast, deterministic hasher for peer keys (FNV-1a folded over the key's
+/// bytes). Peer names come from the membership layer, not from attackers
+/// choosing collisions at scale, and the per-update cost matters.
+#[derive(Default, Clone, Copy)]
+pub struct PeerHasher(u64);
+
+impl Hasher for PeerHasher {
+    fn finish(&self) -> u64 {
+        // Final avalanche so small integer keys spread over the buckets.
+        let mut z = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.0 = self.0.rotate_left(5) ^ i as u64;
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = self.0.rotate_left(5) ^ i;
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.0 = self.0.rotate_left(5) ^ i as u64;
+    }
+}
+
+type PeerMap<K> = HashMap<K, PeerState, BuildHasherDefault<PeerHasher>>;
+
+/// One node's Vivaldi state (serf's `coordinate.Client`), keyed by peer
+/// identifiers of type `K` (node names in the agent, indices in the
+/// simulator).
+#[derive(Debug, Clone)]
+pub struct Node<K: Hash + Eq + Clone> {
+    config: Config,
+    /// The coordinate the spring model moves (sent to peers in acks).
+    coord: Coordinate,
+    /// What is published to consumers (equal to `coord` unless smoothing).
+    published: Coordinate,
+    origin: Coordinate,
+    adjustment_samples: Vec<f64>,
+    adjustment_index: usize,
+    peers: PeerMap<K>,
+    /// Closest peers by filtered RTT, at most `config.neighbors`, ascending.
+    close: Vec<(f64, K)>,
+    refine_cursor: usize,
+    /// Running mean of ln(filtered RTT), the reference for short-link weighting.
+    log_rtt_mean: f64,
+    log_rtt_count: u64,
+    stats: Stats,
+}
+
+impl<K: Hash + Eq + Clone> Node<K> {
+    /// A node at the origin.
+    pub fn new(config: Config) -> Result<Self, VivaldiError> {
+        config.validate()?;
+        let coord = Coordinate::origin(&config);
+        Ok(Node {
+            adjustment_samples: vec![0.0; config.adjustment_window],
+            adjustment_index: 0,
+            published: coord.clone(),
+            origin: coord.clone(),
+            coord,
+            peers: PeerMap::default(),
+            close: Vec::new(),
+            refine_cursor: 0,
+            log_rtt_mean: 0.0,
+            log_rtt_count: 0,
+            stats: Stats::default(),
+            config,
+        })
+    }
+
+    /// The engine's parameters.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The coordinate to put in probe acks (the one the spring model moves).
+    pub fn coordinate(&self) -> &Coordinate {
+        &self.coord
+    }
+
+    /// The coordinate to publish to consumers (`/v1/coordinate`, estimates).
+    pub fn published(&self) -> &Coordinate {
+        &self.published
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Number of peers with filter state.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Estimated RTT to `other` in seconds, from the published coordinate.
+    pub fn distance_to(&self, other: &Coordinate) -> f64 {
+        self.published.distance_to(other)
+    }
+
+    /// Replaces the coordinate (for example one restored from disk) after
+    /// validating it.
+    pub fn set_coordinate(&mut self, c: Coordinate) -> Result<(), VivaldiError> {
+        c.check(self.config.dimensionality)?;
+        self.published = c.clone();
+        self.coord = c;
+        Ok(())
+    }
+
+    /// Drops what is known about a peer that left (serf's `ForgetNode`).
+    pub fn forget(&mut self, peer: &K) {
+        self.peers.remove(peer);
+        self.close.retain(|(_, k)| k != peer);
+    }
+
+    /// Feeds one RTT sample (seconds) to `peer`, whose current coordinate is
+    /// `other`. Invalid input returns an error and changes nothing.
+    /// `rng` is only used when two coordinates coincide (always at start) to
+    /// pick a random direction.
+    pub fn update<R: Rng + ?Sized>(
+        &mut self,
+        peer: &K,
+        other: &Coordinate,
+        rtt: f64,
+        rng: &mut R,
+    ) -> Result<(), VivaldiError> {
+        if !(rtt.is_finite() && rtt > 0.0 && rtt <= MAX_RTT_S) {
+            self.stats.rejected += 1;
+            return Err(VivaldiError::InvalidRtt(rtt));
+        }
+        if let Err(e) = other.check(self.config.dimensionality) {
+            self.stats.rejected += 1;
+            return Err(e);
+        }
+        let size = self.config.latency_filter_size;
+        let q = self.config.latency_filter_quantile;
+        let keep_coord = self.config.neighbors > 0;
+        let filtered = {
+            let st = self
+                .peers
+                .entry(peer.clone())
+                .or_insert_with(PeerState::new);
+            let f = st.push(rtt, size, q);
+            if keep_coord {
+                match &mut st.coord {
+                    Some(c) => c.clone_from(other),
+                    None => st.coord = Some(other.clone()),
+                }
+            }
+            f
+        };
+        self.stats.updates += 1;
+        if self.config.neighbors > 0 {
+            self.note_close(peer, filtered);
+        }
+        let weight = self.link_weight(filtered);
+        self.step(other, filtered, weight, true, rng);
+        if self.config.refine_steps > 0 && self.close.len() > 1 {
+            for _ in 0..self.config.refine_steps {
+                self.refine_one(peer, rng);
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Scale of a step on a link with filtered RTT `rtt`: 1 in serf's
+    /// profile; in tomo's, links longer than the node's typical link get
+    /// proportionally less force so the few short links are not drowned out.
+    fn link_weight(&mut self, rtt: f64) -> f64 {
+        if self.config.short_link_alpha <= 0.0 {
+            return 1.0;
+        }
+        let l = rtt.max(ZERO_THRESHOLD).ln();
+        self.log_rtt_count += 1;
+        // A running mean that becomes an EWMA after 64 samples, so the
+        // reference follows a changing network.
+        let n = self.log_rtt_count.min(64) as f64;
+        self.log_rtt_mean += (l - self.log_rtt_mean) / n;
+        let ratio = (self.log_rtt_mean - l).exp(); // r_ref / r
+        if ratio >= 1.0 {
+            1.0
+        } else {
+            ratio.powf(self.config.short_link_alpha)
+        }
+    }
+
+    /// The short-link weight of `rtt` against the current reference,
+    /// without feeding `rtt` into the reference.
+    fn link_weight_of(&self, rtt: f64) -> f64 {
+        if self.config.short_link_alpha <= 0.0 {
+            return 1.0;
+        }
+        let ratio = (self.log_rtt_mean - rtt.max(ZERO_THRESHOLD).ln()).exp();
+        if ratio >= 1.0 {
+            1.0
+        } else {
+            ratio.powf(self.config.short_link_alpha)
+        }
+    }
+
+    /// Keeps `close` as the `neighbors` peers with the smallest filtered RTT.
+    fn note_close(&mut self, peer: &K, filtered: f64) {
+        if let Some(pos) = self.close.iter().position(|(_, k)| k == peer) {
+            self.close.remove(pos);
+        }
+        let cap = self.config.neighbors;
+        if self.close.len() >= cap {
+            if let Some((worst, _)) = self.close.last() {
+                if filtered >= *worst {
+                    return;
+                }
+            }
+            self.close.pop();
+        }
+        let at = self.close.partition_point(|(r, _)| *r <= filtered);
+        self.close.insert(at, (filtered, peer.clone()));
+    }
+
+    /// Replays the spring towards one remembered close peer (not `skip`,
+    /// which was just updated) with its filtered RTT and last coordinate.
+    fn refine_one<R: Rng + ?Sized>(&mut self, skip: &K, rng: &mut R) {
+        let n = self.close.len();
+        self.refine_cursor = (self.refine_cursor + 1) % n;
+        let mut key = &self.close[self.refine_cursor].1;
+        if key == skip {
+            self.refine_cursor = (self.refine_cursor + 1) % n;
+            key = &self.close[self.refine_cursor].1;
+        }
+        let Some(st) = self.peers.get(key) else {
+            return;
+        };
+        let Some(c) = st.coord.clone() else { return };
+        let rtt = st.filtered;
+        // Replays are not new evidence: they move the coordinate but leave
+        // the error estimate to real samples.
+        let w = self.config.refine_weight * self.link_weight_of(rtt);
+        self.step(&c, rtt, w, false, rng);
+    }
+
+    /// One spring step towards/away from `other` for filtered RTT `rtt`,
+    /// with the step scaled by `weight`: serf's `updateVivaldi`,
+    /// `updateAdjustment` and `updateGravity`, then the NaN reset.
+    fn step<R: Rng + ?Sized>(
+        &mut self,
+        other: &Coordinate,
+        rtt: f64,
+        weight: f64,
+        evidence: bool,
+        rng: &mut R,
+    ) {
+        self.update_vivaldi(other, rtt, weight, evidence, rng);
+        self.update_adjustment(other, rtt);
+        self.update_gravity(rng);
+        if !self.coord.is_valid() {
+            self.stats.resets += 1;
+            self.coord = Coordinate::origin(&self.config);
+            self.published = self.coord.clone();
+        }
+    }
+
+    fn update_vivaldi<R: Rng + ?Sized>(
+        &mut self,
+        other: &Coordinate,
+        rtt: f64,
+        weight: f64,
+        evidence: bool,
+        rng: &mut R,
+    ) {
+        let dist = self.coord.distance_to(other);
+        let rtt = rtt.max(ZERO_THRESHOLD);
+        let total = (self.coord.error + other.error).max(ZERO_THRESHOLD);
+        let w = self.coord.error / total;
+        if evidence {
+            let wrongness = (dist - rtt).abs() / rtt;
+            let ce = self.config.ce * w;
+            let e = ce * wrongness + self.coord.error * (1.0 - ce);
+            self.coord.error = e.min(self.config.error_max).max(self.config.error_min);
+        }
+        let delta = self.config.cc * w * weight;
+        let force = delta * (rtt - dist);
+        apply_force(&mut self.coord, &self.config, force, other, rng);
+    }
+
+    fn update_adjustment(&mut self, other: &Coordinate, rtt: f64) {
+        let win = self.config.adjustment_window;
+        if win == 0 {
+            return;
+        }
+        let raw = self.coord.raw_distance_to(other);
+        self.adjustment_samples[self.adjustment_index] = rtt - raw;
+        self.adjustment_index = (self.adjustment_index + 1) % win;
+        let sum: f64 = self.adjustment_samples.iter().sum();
+        self.coord.adjustment = sum / (2.0 * win as f64);
+    }
+
+    fn update_gravity<R: Rng + ?Sized>(&mut self, rng: &mut R) {
+        let dist = self.origin.distance_to(&self.coord);
+        let force = -(dist / self.config.gravity_rho).powi(2);
+        let origin = std::mem::replace(&mut self.origin, Coordinate::origin(&self.config));
+        apply_force(&mut self.coord, &self.config, force, &origin, rng);
+        self.origin = origin;
+    }
+
+    fn publish(&mut self) {
+        let a = self.config.publish_smoothing;
+        if a >= 1.0 {
+            self.published.clone_from(&self.coord);
+            return;
+        }
+        for (p, c) in self.published.vec.iter_mut().zip(&self.coord.vec) {
+            *p += a * (c - *p);
+        }
+        self.published.height += a * (self.coord.height - self.published.height);
+        self.published.adjustment = self.coord.adjustment;
+        self.published.error = self.coord.error;
+    }
+}
+
+/// serf's `ApplyForce`: moves `c` by `force` along the unit vector from
+/// `other` to `c` (a random one if they coincide) and scales the height.
+fn apply_force<R: Rng + ?Sized>(
+    c: &mut Coordinate,
+    config: &Config,
+    force: f64,
+    other: &Coordinate,
+    rng: &mut R,
+) {
+    let dim = c.vec.len();
+    let mag = euclid(&c.vec, &other.vec);
+    if mag > ZERO_THRESHOLD {
+        let s = force / mag;
+        for (x, y) in c.vec.iter_mut().zip(&other.vec) {
+            *x += (*x - y) * s;
+        }
+        c.height = ((c.height + other.height) * force / mag + c.height).max(config.height_min);
+    } else {
+        // Coincident points: a random direction (serf draws from the global
+        // math/rand; ours is the caller's seeded RNG).
+        let mut u = [0.0f64; 64];
+        let mut m = 0.0;
+        for v in u.iter_mut().take(dim) {
+            *v = rng.random::<f64>() - 0.5;
+            m += *v * *v;
+        }
+        let m = m.sqrt();
+        if m > ZERO_THRESHOLD {
+            for (x, v) in c.vec.iter_mut().zip(&u[..dim]) {
+                *x += v / m * force;
+            }
+        } else if let Some(x) = c.vec.first_mut() {
+            *x += force;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn rng() -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(7)
+    }
+
+    #[test]
+    fn json_matches_consul_coord() {
+        let c = Coordinate {
+            vec: vec![0.5, -0.25],
+            error: 1.5,
+            adjustment: 0.0,
+            height: 1e-5,
+        };
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(
+            s,
+            r#"{"Vec":[0.5,-0.25],"Error":1.5,"Adjustment":0.0,"Height":1e-5}"#
+        );
+        let back: Coordinate = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn serf_distance_falls_back_to_raw_when_adjusted_is_not_positive() {
+        let mut a = Coordinate::origin(&Config::serf());
+        let mut b = a.clone();
+        b.vec[0] = 0.010;
+        a.adjustment = -0.020;
+        b.height = 0.0;
+        a.height = 0.0;
+        assert!((a.distance_to(&b) - 0.010).abs() < 1e-12);
+        a.adjustment = -0.002;
+        assert!((a.distance_to(&b) - 0.008).abs() < 1e-12);
+    }
+
+    #[test]
+    fn filter_is_upper_median_of_three_for_serf() {
+        let mut p = PeerState::new();
+        assert_eq!(p.push(3.0, 3, 0.5), 3.0);
+        assert_eq!(p.push(1.0, 3, 0.5), 3.0); // upper median of two
+        assert_eq!(p.push(2.0, 3, 0.5), 2.0);
+        assert_eq!(p.push(10.0, 3, 0.5), 2.0); // window 1,2,10
+        assert_eq!(p.push(10.0, 3, 0.5), 10.0); // window 2,10,10
+    }
+
+    #[test]
+    fn low_percentile_filter_ignores_one_sided_spikes() {
+        let mut p = PeerState::new();
+        for v in [0.1, 0.5, 0.1, 0.9] {
+            p.push(v, 4, 0.25);
+        }
+        assert_eq!(p.filtered, 0.1);
+    }
+
+    #[test]
+    fn bad_input_is_rejected_and_changes_nothing() {
+        for cfg in [Config::serf(), Config::tomo()] {
+            let mut n: Node<u32> = Node::new(cfg.clone()).unwrap();
+            let mut r = rng();
+            let peer = Coordinate::origin(&cfg);
+            n.update(&1, &peer, 0.05, &mut r).unwrap();
+            let before = n.coordinate().clone();
+            for bad in [f64::NAN, f64::INFINITY, -0.01, 0.0, 10.5] {
+                let got = n.update(&1, &peer, bad, &mut r);
+                assert!(
+                    matches!(got, Err(VivaldiError::InvalidRtt(_))),
+                    "{bad}: {got:?}"
+                );
+                assert_eq!(n.coordinate(), &before);
+            }
+            let mut short = peer.clone();
+            short.vec.pop();
+            assert_eq!(
+                n.update(&1, &short, 0.05, &mut r),
+                Err(VivaldiError::DimensionMismatch {
+                    expected: cfg.dimensionality,
+                    got: cfg.dimensionality - 1
+                })
+            );
+            let mut nan = peer.clone();
+            nan.height = f64::NAN;
+            assert_eq!(
+                n.update(&1, &nan, 0.05, &mut r),
+                Err(VivaldiError::NonFiniteCoordinate)
+            );
+            let mut inf = peer.clone();
+            inf.vec[3] = f64::INFINITY;
+            assert_eq!(
+                n.update(&1, &inf, 0.05, &mut r),
+                Err(VivaldiError::NonFiniteCoordinate)
+            );
+            assert_eq!(n.coordinate(), &before);
+            assert_eq!(n.stats().updates, 1);
+        }
+    }
+
+    #[test]
+    fn two_nodes_converge_to_their_rtt() {
+        for cfg in [Config::serf(), Config::tomo()] {
+            let mut a: Node<u32> = Node::new(cfg.clone()).unwrap();
+            let mut b: Node<u32> = Node::new(cfg.clone()).unwrap();
+            let mut r = rng();
+            for _ in 0..200 {
+                let cb = b.coordinate().clone();
+                a.update(&2, &cb, 0.100, &mut r).unwrap();
+                let ca = a.coordinate().clone();
+                b.update(&1, &ca, 0.100, &mut r).unwrap();
+            }
+            let est = a.published().distance_to(b.published());
+            assert!(
+                (est - 0.100).abs() < 0.005,
+                "{:?}: estimate {est}",
+                cfg.profile
+            );
+        }
+    }
+}
