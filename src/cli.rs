@@ -34,7 +34,7 @@ pub struct Cli {
 enum Command {
     /// Simulate the coordinate engine over a dataset and print one JSON line
     /// of accuracy figures (same keys as the serf peer harness).
-    Sim(SimArgs),
+    Sim(Box<SimArgs>),
     /// Inspect or generate topology datasets.
     #[command(subcommand)]
     Dataset(DatasetCmd),
@@ -175,7 +175,7 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Sim(a) => sim_cmd(a),
+        Command::Sim(a) => sim_cmd(*a),
         Command::Dataset(d) => dataset_cmd(d),
         Command::Plot(p) => Ok(crate::plot::run(&p)?),
     }

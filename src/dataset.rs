@@ -247,10 +247,10 @@ pub fn parse_dense(text: &str, scale: Option<f64>) -> Result<Matrix, DatasetErro
     for line in text.lines() {
         let line = line.trim();
         if line.starts_with('#') {
-            if scale.is_none() {
-                if let Some(u) = units_scale(line) {
-                    s = u;
-                }
+            if scale.is_none()
+                && let Some(u) = units_scale(line)
+            {
+                s = u;
             }
             continue;
         }
@@ -317,10 +317,10 @@ pub fn parse_series(text: &str, scale: Option<f64>) -> Result<Series, DatasetErr
     for line in text.lines() {
         let line = line.trim();
         if line.starts_with('#') {
-            if scale.is_none() {
-                if let Some(u) = units_scale(line) {
-                    s = u;
-                }
+            if scale.is_none()
+                && let Some(u) = units_scale(line)
+            {
+                s = u;
             }
             continue;
         }
@@ -925,7 +925,7 @@ mod tests {
 
     #[test]
     fn ragged_rows_are_an_error() {
-        assert!(parse_dense("0 1\n1 0 3\n", None).is_err());
+        assert!(parse_dense("0 1\n1 0 3 4\n", None).is_err());
         assert!(parse_dense("# only comments\n", None).is_err());
     }
 

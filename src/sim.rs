@@ -308,7 +308,7 @@ impl<'a> Simulation<'a> {
             }
         }
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        let engine_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5EED_0F_E1_6_1_7E);
+        let engine_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5EED_0FE1_617E);
         let mut order = Vec::new();
         if cfg.select == Select::Shuffle {
             order = known.clone();
@@ -457,7 +457,7 @@ impl<'a> Simulation<'a> {
         }
         self.round += 1;
         let e = self.cfg.eval_every;
-        if e > 0 && (self.round % e == 0 || self.round == 1) {
+        if e > 0 && (self.round.is_multiple_of(e) || self.round == 1) {
             let ev = self.evaluate(None, None);
             self.convergence
                 .push([self.round as f64, ev.median_rel_err]);
@@ -646,8 +646,10 @@ pub fn evaluate<K: std::hash::Hash + Eq + Clone>(
             }
             rel.push((e - act).abs() / act);
             abs.push((e - act).abs());
-            if let Some(p) = pairs_out.as_deref_mut() {
-                if seen % stride == 0 {
+            if let Some(p) = pairs_out.as_deref_mut()
+                && seen.is_multiple_of(stride)
+            {
+                {
                     p.push(PairScore {
                         i: i as u32,
                         j: j as u32,

@@ -97,10 +97,11 @@ impl Coordinate {
 
     /// True when every field is finite (serf's `IsValid`).
     pub fn is_valid(&self) -> bool {
-        self.vec.iter().all(|v| v.is_finite())
-            && self.error.is_finite()
-            && self.adjustment.is_finite()
-            && self.height.is_finite()
+        // x * 0 is 0 for finite x and NaN for NaN or ±Inf, so one branch-free
+        // sum checks every field.
+        let z = self.vec.iter().fold(0.0, |a, v| a + v * 0.0)
+            + (self.error + self.adjustment + self.height) * 0.0;
+        z == 0.0
     }
 
     /// Checks that `other` can be compared with a coordinate of `dim` dimensions.
@@ -119,7 +120,8 @@ impl Coordinate {
 
     /// Euclidean distance plus both heights, seconds (no adjustment).
     pub fn raw_distance_to(&self, other: &Coordinate) -> f64 {
-        euclid(&self.vec, &other.vec) + self.height + other.height
+        // Pairwise sums first so that a→b and b→a round identically.
+        euclid(&self.vec, &other.vec) + (self.height + other.height)
     }
 
     /// Estimated RTT in seconds, exactly as serf's `DistanceTo`: the raw
@@ -129,7 +131,7 @@ impl Coordinate {
     /// Symmetric and never negative.
     pub fn distance_to(&self, other: &Coordinate) -> f64 {
         let raw = self.raw_distance_to(other);
-        let adjusted = raw + self.adjustment + other.adjustment;
+        let adjusted = raw + (self.adjustment + other.adjustment);
         if adjusted > 0.0 { adjusted } else { raw }
     }
 }
@@ -137,12 +139,64 @@ impl Coordinate {
 /// Euclidean distance between two equally long vectors.
 #[inline]
 fn euclid(a: &[f64], b: &[f64]) -> f64 {
+    // The default 8 dimensions get a fixed-length loop the compiler unrolls
+    // and vectorizes; this is most of an update's arithmetic.
+    if let (Ok(a), Ok(b)) = (<&[f64; 8]>::try_from(a), <&[f64; 8]>::try_from(b)) {
+        return euclid_fixed(a, b);
+    }
     let mut s = 0.0;
     for (x, y) in a.iter().zip(b) {
         let d = x - y;
         s += d * d;
     }
     s.sqrt()
+}
+
+#[inline]
+fn euclid_fixed<const D: usize>(a: &[f64; D], b: &[f64; D]) -> f64 {
+    let mut s = 0.0;
+    for k in 0..D {
+        let d = a[k] - b[k];
+        s += d * d;
+    }
+    s.sqrt()
+}
+
+/// `x += (x - y) * s` element-wise (a move along the line through y and x).
+#[inline]
+fn push_from(x: &mut [f64], y: &[f64], s: f64) {
+    if let (Ok(x), Ok(y)) = (<&mut [f64; 8]>::try_from(&mut *x), <&[f64; 8]>::try_from(y)) {
+        for k in 0..8 {
+            x[k] += (x[k] - y[k]) * s;
+        }
+        return;
+    }
+    for (x, y) in x.iter_mut().zip(y) {
+        *x += (*x - y) * s;
+    }
+}
+
+/// Euclidean norm.
+#[inline]
+fn norm(x: &[f64]) -> f64 {
+    if let Ok(x) = <&[f64; 8]>::try_from(x) {
+        return euclid_fixed(x, &[0.0; 8]);
+    }
+    x.iter().map(|v| v * v).sum::<f64>().sqrt()
+}
+
+/// Copies a coordinate into another of the same dimensionality without
+/// reallocating.
+#[inline]
+fn copy_coord(dst: &mut Coordinate, src: &Coordinate) {
+    if dst.vec.len() == src.vec.len() {
+        dst.vec.copy_from_slice(&src.vec);
+    } else {
+        dst.vec.clone_from(&src.vec);
+    }
+    dst.error = src.error;
+    dst.adjustment = src.adjustment;
+    dst.height = src.height;
 }
 
 /// Which rule set a [`Node`] follows.
@@ -365,19 +419,29 @@ impl PeerFilter {
             self.next = ((self.next as usize + 1) % size) as u8;
         }
         let n = self.len as usize;
-        let mut sorted = [0.0f32; MAX_FILTER_SIZE];
+        let mut sorted = [f32::INFINITY; MAX_FILTER_SIZE];
         sorted[..n].copy_from_slice(&self.samples[..n]);
-        // Insertion sort: n <= 8 and usually 3 or 4.
-        for i in 1..n {
-            let v = sorted[i];
-            let mut j = i;
-            while j > 0 && sorted[j - 1] > v {
-                sorted[j] = sorted[j - 1];
-                j -= 1;
-            }
-            sorted[j] = v;
+        if n <= 4 {
+            // A 5-comparator sorting network (branch-free min/max); the
+            // +Inf padding sorts to the end.
+            let cs = |a: &mut [f32; MAX_FILTER_SIZE], i: usize, j: usize| {
+                let (x, y) = (a[i], a[j]);
+                // Written as selects so they compile to minss/maxss (no NaN
+                // handling needed: samples are validated).
+                a[i] = if y < x { y } else { x };
+                a[j] = if y < x { x } else { y };
+            };
+            cs(&mut sorted, 0, 1);
+            cs(&mut sorted, 2, 3);
+            cs(&mut sorted, 0, 2);
+            cs(&mut sorted, 1, 3);
+            cs(&mut sorted, 1, 2);
+        } else {
+            sorted[..n].sort_unstable_by(f32::total_cmp);
         }
-        let idx = ((q * (n - 1) as f64) + 0.5).floor() as usize;
+        // Round half up; the value is never negative, so `as` truncation
+        // is the floor.
+        let idx = (q * (n - 1) as f64 + 0.5) as usize;
         sorted[idx.min(n - 1)] as f64
     }
 }
@@ -420,14 +484,67 @@ impl Hasher for PeerHasher {
 
 type PeerMap<K> = HashMap<K, PeerFilter, BuildHasherDefault<PeerHasher>>;
 
-/// A remembered close peer (tomo's local refinement).
+/// The closest peers by filtered RTT (tomo's local refinement), ascending,
+/// as parallel arrays so the membership scan done on every update touches
+/// one cache line of keys rather than every remembered coordinate.
 #[derive(Debug, Clone)]
-struct ClosePeer<K> {
+struct CloseSet<K> {
+    keys: Vec<K>,
     /// Filtered RTT, seconds.
-    rtt: f64,
-    key: K,
-    /// The peer's coordinate when it was last probed.
-    coord: Coordinate,
+    rtts: Vec<f64>,
+    /// Each peer's coordinate when it was last probed.
+    coords: Vec<Coordinate>,
+}
+
+impl<K: Eq + Clone> CloseSet<K> {
+    fn with_capacity(n: usize) -> Self {
+        CloseSet {
+            keys: Vec::with_capacity(n + 1),
+            rtts: Vec::with_capacity(n + 1),
+            coords: Vec::with_capacity(n + 1),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn remove(&mut self, at: usize) -> (K, Coordinate) {
+        self.rtts.remove(at);
+        (self.keys.remove(at), self.coords.remove(at))
+    }
+
+    /// Records `peer` at `rtt` with coordinate `other`, keeping at most `cap`
+    /// peers, the closest ones.
+    fn note(&mut self, cap: usize, peer: &K, other: &Coordinate, rtt: f64) {
+        let (key, mut coord) = match self.keys.iter().position(|k| k == peer) {
+            Some(at) => self.remove(at),
+            None => {
+                let full = self.len() >= cap;
+                if full && self.rtts.last().is_some_and(|w| rtt >= *w) {
+                    return;
+                }
+                if full {
+                    // Reuse the evicted entry's coordinate storage.
+                    let (_, c) = self.remove(self.len() - 1);
+                    (peer.clone(), c)
+                } else {
+                    (peer.clone(), other.clone())
+                }
+            }
+        };
+        copy_coord(&mut coord, other);
+        let at = self.rtts.partition_point(|r| *r <= rtt);
+        self.keys.insert(at, key);
+        self.rtts.insert(at, rtt);
+        self.coords.insert(at, coord);
+    }
+
+    fn forget(&mut self, peer: &K) {
+        if let Some(at) = self.keys.iter().position(|k| k == peer) {
+            self.remove(at);
+        }
+    }
 }
 
 /// The part of a node the spring model moves; kept apart from the peer
@@ -451,14 +568,16 @@ pub struct Node<K: Hash + Eq + Clone> {
     /// unless `publish_smoothing < 1`).
     published: Coordinate,
     peers: PeerMap<K>,
-    /// Closest peers by filtered RTT, at most `config.neighbors`, ascending.
-    close: Vec<ClosePeer<K>>,
+    /// Closest peers by filtered RTT, at most `config.neighbors`.
+    close: CloseSet<K>,
     refine_cursor: usize,
-    /// Running mean of ln(filtered RTT) and its exponential: the reference
-    /// RTT for short-link weighting.
-    log_rtt_mean: f64,
+    /// Running mean of the bit patterns of the filtered RTTs and the RTT it
+    /// stands for: the reference for short-link weighting. The bits of a
+    /// positive float are close to linear in its logarithm, so this is the
+    /// geometric mean (within a few percent) without a `ln`/`exp` per update.
+    mean_rtt_bits: f64,
     ref_rtt: f64,
-    log_rtt_count: u64,
+    rtt_count: u64,
     updates: u64,
     rejected: u64,
 }
@@ -477,11 +596,11 @@ impl<K: Hash + Eq + Clone> Node<K> {
             },
             published: coord,
             peers: PeerMap::default(),
-            close: Vec::with_capacity(config.neighbors + 1),
+            close: CloseSet::with_capacity(config.neighbors),
             refine_cursor: 0,
-            log_rtt_mean: 0.0,
+            mean_rtt_bits: 0.0,
             ref_rtt: 0.0,
-            log_rtt_count: 0,
+            rtt_count: 0,
             updates: 0,
             rejected: 0,
             config,
@@ -534,7 +653,7 @@ impl<K: Hash + Eq + Clone> Node<K> {
     /// Drops what is known about a peer that left (serf's `ForgetNode`).
     pub fn forget(&mut self, peer: &K) {
         self.peers.remove(peer);
-        self.close.retain(|c| &c.key != peer);
+        self.close.forget(peer);
     }
 
     /// Feeds one RTT sample (seconds) to `peer`, whose current coordinate is
@@ -574,7 +693,8 @@ impl<K: Hash + Eq + Clone> Node<K> {
         self.pos
             .step(&self.config, other, filtered, weight, true, rng);
         if self.config.neighbors > 0 {
-            self.note_close(peer, other, filtered);
+            self.close
+                .note(self.config.neighbors, peer, other, filtered);
             if self.config.refine_steps > 0 && self.close.len() > 1 {
                 for _ in 0..self.config.refine_steps {
                     self.refine_one(peer, rng);
@@ -593,12 +713,12 @@ impl<K: Hash + Eq + Clone> Node<K> {
         if self.config.short_link_alpha <= 0.0 {
             return 1.0;
         }
-        self.log_rtt_count += 1;
+        self.rtt_count += 1;
         // A running mean that becomes an EWMA after 64 samples, so the
         // reference follows a changing network.
-        let n = self.log_rtt_count.min(64) as f64;
-        self.log_rtt_mean += (rtt.max(ZERO_THRESHOLD).ln() - self.log_rtt_mean) / n;
-        self.ref_rtt = self.log_rtt_mean.exp();
+        let n = self.rtt_count.min(64) as f64;
+        self.mean_rtt_bits += (rtt.max(ZERO_THRESHOLD).to_bits() as f64 - self.mean_rtt_bits) / n;
+        self.ref_rtt = f64::from_bits(self.mean_rtt_bits as u64);
         self.link_weight_of(rtt)
     }
 
@@ -616,39 +736,6 @@ impl<K: Hash + Eq + Clone> Node<K> {
         }
     }
 
-    /// Keeps `close` as the `neighbors` peers with the smallest filtered RTT,
-    /// each with its latest coordinate.
-    fn note_close(&mut self, peer: &K, other: &Coordinate, filtered: f64) {
-        let cap = self.config.neighbors;
-        let mut entry = match self.close.iter().position(|c| &c.key == peer) {
-            Some(at) => self.close.remove(at),
-            None => {
-                if self.close.len() >= cap && self.close.last().is_some_and(|w| filtered >= w.rtt) {
-                    return;
-                }
-                match (self.close.len() >= cap)
-                    .then(|| self.close.pop())
-                    .flatten()
-                {
-                    // Reuse the evicted entry's allocation.
-                    Some(mut e) => {
-                        e.key = peer.clone();
-                        e
-                    }
-                    None => ClosePeer {
-                        rtt: filtered,
-                        key: peer.clone(),
-                        coord: other.clone(),
-                    },
-                }
-            }
-        };
-        entry.rtt = filtered;
-        entry.coord.clone_from(other);
-        let at = self.close.partition_point(|c| c.rtt <= filtered);
-        self.close.insert(at, entry);
-    }
-
     /// Replays the spring towards one remembered close peer (not `skip`,
     /// which was just updated) with its filtered RTT and last coordinate.
     /// Replays are not new evidence: they move the coordinate but leave the
@@ -656,19 +743,21 @@ impl<K: Hash + Eq + Clone> Node<K> {
     fn refine_one<R: Rng + ?Sized>(&mut self, skip: &K, rng: &mut R) {
         let n = self.close.len();
         self.refine_cursor = (self.refine_cursor + 1) % n;
-        if &self.close[self.refine_cursor].key == skip {
+        if &self.close.keys[self.refine_cursor] == skip {
             self.refine_cursor = (self.refine_cursor + 1) % n;
         }
-        let c = &self.close[self.refine_cursor];
-        let w = self.config.refine_weight * self.link_weight_of(c.rtt);
-        self.pos.step(&self.config, &c.coord, c.rtt, w, false, rng);
+        let at = self.refine_cursor;
+        let rtt = self.close.rtts[at];
+        let w = self.config.refine_weight * self.link_weight_of(rtt);
+        self.pos
+            .step(&self.config, &self.close.coords[at], rtt, w, false, rng);
     }
 
     fn publish(&mut self) {
         let a = self.config.publish_smoothing;
         let c = &self.pos.coord;
         if a >= 1.0 {
-            self.published.clone_from(c);
+            copy_coord(&mut self.published, c);
             return;
         }
         for (p, x) in self.published.vec.iter_mut().zip(&c.vec) {
@@ -697,8 +786,8 @@ impl Position {
         let c = &mut self.coord;
         // updateVivaldi
         let mag = euclid(&c.vec, &other.vec);
-        let raw = mag + c.height + other.height;
-        let adjusted = raw + c.adjustment + other.adjustment;
+        let raw = mag + (c.height + other.height);
+        let adjusted = raw + (c.adjustment + other.adjustment);
         let dist = if adjusted > 0.0 { adjusted } else { raw };
         let rtt = rtt.max(ZERO_THRESHOLD);
         let total = (c.error + other.error).max(ZERO_THRESHOLD);
@@ -720,8 +809,16 @@ impl Position {
             let sum: f64 = self.adjustment_samples.iter().sum();
             c.adjustment = sum / (2.0 * win as f64);
         }
-        // updateGravity: towards the origin (height height_min, no adjustment).
-        let norm = c.vec.iter().map(|v| v * v).sum::<f64>().sqrt();
+        // updateGravity: towards the origin (height height_min, no
+        // adjustment); once per real sample, not again for replays.
+        if !evidence {
+            if !c.is_valid() {
+                self.resets += 1;
+                *c = Coordinate::origin(cfg);
+            }
+            return;
+        }
+        let norm = norm(&c.vec);
         let raw = norm + cfg.height_min + c.height;
         let adjusted = raw + c.adjustment;
         let d = if adjusted > 0.0 { adjusted } else { raw };
@@ -747,10 +844,7 @@ fn apply_force<R: Rng + ?Sized>(
     rng: &mut R,
 ) {
     if mag > ZERO_THRESHOLD {
-        let s = force / mag;
-        for (x, y) in c.vec.iter_mut().zip(other) {
-            *x += (*x - y) * s;
-        }
+        push_from(&mut c.vec, other, force / mag);
         c.height = ((c.height + other_height) * force / mag + c.height).max(height_min);
     } else {
         random_push(c, force, rng);
@@ -766,9 +860,15 @@ fn apply_force_to_origin<R: Rng + ?Sized>(
     rng: &mut R,
 ) {
     if norm > ZERO_THRESHOLD {
-        let s = force / norm;
-        for x in c.vec.iter_mut() {
-            *x += *x * s;
+        let s = 1.0 + force / norm;
+        if let Ok(x) = <&mut [f64; 8]>::try_from(&mut c.vec[..]) {
+            for v in x.iter_mut() {
+                *v *= s;
+            }
+        } else {
+            for v in c.vec.iter_mut() {
+                *v *= s;
+            }
         }
         c.height = ((c.height + height_min) * force / norm + c.height).max(height_min);
     } else {
@@ -817,7 +917,7 @@ mod tests {
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(
             s,
-            r#"{"Vec":[0.5,-0.25],"Error":1.5,"Adjustment":0.0,"Height":1e-5}"#
+            r#"{"Vec":[0.5,-0.25],"Error":1.5,"Adjustment":0.0,"Height":0.00001}"#
         );
         let back: Coordinate = serde_json::from_str(&s).unwrap();
         assert_eq!(back, c);
