@@ -22,8 +22,10 @@
 //! Everything here is sans-IO: time and randomness come in as arguments.
 //! Lengths are seconds (`f64`), as in Consul's `Coord` JSON.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{Hash, Hasher};
+
+mod peer_table;
+use peer_table::PeerTable;
 
 use rand::{Rng, RngExt};
 use serde::{Deserialize, Serialize};
@@ -41,7 +43,7 @@ pub const MAX_RTT_S: f64 = 10.0;
 const ZERO_THRESHOLD: f64 = 1.0e-6;
 
 /// Most samples a per-peer latency filter can hold.
-pub const MAX_FILTER_SIZE: usize = 8;
+pub const MAX_FILTER_SIZE: usize = 4;
 
 /// What can go wrong when feeding the engine. Every error leaves the node's
 /// state exactly as it was.
@@ -134,6 +136,12 @@ impl Coordinate {
         let adjusted = raw + (self.adjustment + other.adjustment);
         if adjusted > 0.0 { adjusted } else { raw }
     }
+}
+
+/// `(i + 1) % n` without a division (the hot path avoids them).
+#[inline]
+fn wrap_next(i: usize, n: usize) -> usize {
+    if i + 1 >= n { 0 } else { i + 1 }
 }
 
 /// Euclidean distance between two equally long vectors.
@@ -252,7 +260,7 @@ pub struct Config {
     pub adjustment_window: usize,
     /// Floor of the height, seconds.
     pub height_min: f64,
-    /// Samples kept per peer by the latency filter (1..=8).
+    /// Samples kept per peer by the latency filter (1..=4; serf uses 3).
     pub latency_filter_size: usize,
     /// Which order statistic of the kept samples is used: 0.5 is serf's
     /// (upper) median, 0.25 the 25th-percentile "MP" filter of Ledlie et al.
@@ -265,10 +273,15 @@ pub struct Config {
     pub short_link_alpha: f64,
     /// Closest peers remembered for local refinement (0 = off).
     pub neighbors: usize,
-    /// Remembered close peers replayed after each real update.
-    pub refine_steps: usize,
+    /// Replay one remembered close peer after every this many real
+    /// updates (0 = never).
+    pub refine_every: usize,
     /// Weight of a replayed step relative to a real one.
     pub refine_weight: f64,
+    /// Apply gravity on every this many real updates, with that many times
+    /// the force (serf: 1). Gravity is a slow drift correction; batching it
+    /// saves a square root per update without changing its strength.
+    pub gravity_every: usize,
     /// EWMA weight of the newest position in the published coordinate
     /// (1.0 = publish the raw coordinate, as serf does).
     pub publish_smoothing: f64,
@@ -291,8 +304,9 @@ impl Config {
             gravity_rho: 150.0,
             short_link_alpha: 0.0,
             neighbors: 0,
-            refine_steps: 0,
+            refine_every: 0,
             refine_weight: 0.0,
+            gravity_every: 1,
             publish_smoothing: 1.0,
         }
     }
@@ -316,8 +330,9 @@ impl Config {
             gravity_rho: gravity_rho_from_ms(512.0),
             short_link_alpha: 2.0,
             neighbors: 8,
-            refine_steps: 1,
-            refine_weight: 0.1,
+            refine_every: 2,
+            refine_weight: 0.2,
+            gravity_every: 8,
             publish_smoothing: 0.05,
         }
     }
@@ -337,7 +352,7 @@ impl Config {
             return bad("dimensionality must be 1..=64");
         }
         if !(1..=MAX_FILTER_SIZE).contains(&self.latency_filter_size) {
-            return bad("latency_filter_size must be 1..=8");
+            return bad("latency_filter_size must be 1..=4");
         }
         if !(0.0..=1.0).contains(&self.latency_filter_quantile) {
             return bad("latency_filter_quantile must be in [0, 1]");
@@ -350,6 +365,9 @@ impl Config {
         }
         if !(self.gravity_rho > 0.0 && self.height_min > 0.0) {
             return bad("gravity_rho and height_min must be > 0");
+        }
+        if self.gravity_every == 0 || self.gravity_every > 1024 || self.refine_every > 1024 {
+            return bad("gravity_every must be 1..=1024 and refine_every 0..=1024");
         }
         if !(self.publish_smoothing > 0.0 && self.publish_smoothing <= 1.0) {
             return bad("publish_smoothing must be in (0, 1]");
@@ -387,9 +405,9 @@ pub struct Stats {
 /// Per-peer latency filter: a ring of the last samples.
 #[derive(Debug, Clone)]
 struct PeerFilter {
-    // f32 keeps a peer's state at 34 bytes: the filter tables of a
-    // 500-node simulation then stay in the CPU caches (0.1 µs resolution at
-    // 1 s is far below any RTT we can measure).
+    // f32 and at most 4 samples keep a peer's slot at 24 bytes, so a
+    // 500-node simulation's tables mostly stay in the CPU caches (0.1 µs
+    // resolution at 1 s is far below any RTT we can measure).
     samples: [f32; MAX_FILTER_SIZE],
     len: u8,
     next: u8,
@@ -413,17 +431,25 @@ impl PeerFilter {
         if (self.len as usize) < size {
             self.samples[self.len as usize] = rtt;
             self.len += 1;
-            self.next = (self.len as usize % size) as u8;
+            self.next = if self.len as usize == size {
+                0
+            } else {
+                self.len
+            };
         } else {
             self.samples[self.next as usize] = rtt;
-            self.next = ((self.next as usize + 1) % size) as u8;
+            self.next = if self.next as usize + 1 == size {
+                0
+            } else {
+                self.next + 1
+            };
         }
         let n = self.len as usize;
         let mut sorted = [f32::INFINITY; MAX_FILTER_SIZE];
         sorted[..n].copy_from_slice(&self.samples[..n]);
-        if n <= 4 {
-            // A 5-comparator sorting network (branch-free min/max); the
-            // +Inf padding sorts to the end.
+        {
+            // A 5-comparator sorting network for 4 values (branch-free
+            // min/max); the +Inf padding sorts to the end.
             let cs = |a: &mut [f32; MAX_FILTER_SIZE], i: usize, j: usize| {
                 let (x, y) = (a[i], a[j]);
                 // Written as selects so they compile to minss/maxss (no NaN
@@ -436,8 +462,6 @@ impl PeerFilter {
             cs(&mut sorted, 0, 2);
             cs(&mut sorted, 1, 3);
             cs(&mut sorted, 1, 2);
-        } else {
-            sorted[..n].sort_unstable_by(f32::total_cmp);
         }
         // Round half up; the value is never negative, so `as` truncation
         // is the floor.
@@ -482,7 +506,7 @@ impl Hasher for PeerHasher {
     }
 }
 
-type PeerMap<K> = HashMap<K, PeerFilter, BuildHasherDefault<PeerHasher>>;
+type PeerMap<K> = PeerTable<K, PeerFilter>;
 
 /// The closest peers by filtered RTT (tomo's local refinement), ascending,
 /// as parallel arrays so the membership scan done on every update touches
@@ -580,6 +604,9 @@ pub struct Node<K: Hash + Eq + Clone> {
     rtt_count: u64,
     updates: u64,
     rejected: u64,
+    /// Real updates left until the next gravity step / close-peer replay.
+    gravity_countdown: u32,
+    refine_countdown: u32,
 }
 
 impl<K: Hash + Eq + Clone> Node<K> {
@@ -603,6 +630,8 @@ impl<K: Hash + Eq + Clone> Node<K> {
             rtt_count: 0,
             updates: 0,
             rejected: 0,
+            gravity_countdown: config.gravity_every as u32,
+            refine_countdown: config.refine_every.max(1) as u32,
             config,
         })
     }
@@ -681,23 +710,34 @@ impl<K: Hash + Eq + Clone> Node<K> {
         );
         let filtered = match self.peers.get_mut(peer) {
             Some(f) => f.push(rtt, size, q),
-            None => {
-                let mut f = PeerFilter::new();
-                let v = f.push(rtt, size, q);
-                self.peers.insert(peer.clone(), f);
-                v
-            }
+            None => self
+                .peers
+                .get_or_insert_with(peer.clone(), PeerFilter::new)
+                .push(rtt, size, q),
         };
         self.updates += 1;
         let weight = self.link_weight(filtered);
+        // Countdowns rather than `updates % every`: a 64-bit division costs
+        // more than the rest of the bookkeeping.
+        self.gravity_countdown -= 1;
+        let gravity = if self.gravity_countdown == 0 {
+            self.gravity_countdown = self.config.gravity_every as u32;
+            self.config.gravity_every as f64
+        } else {
+            0.0
+        };
         self.pos
-            .step(&self.config, other, filtered, weight, true, rng);
+            .step(&self.config, other, filtered, weight, true, gravity, rng);
         if self.config.neighbors > 0 {
             self.close
                 .note(self.config.neighbors, peer, other, filtered);
-            if self.config.refine_steps > 0 && self.close.len() > 1 {
-                for _ in 0..self.config.refine_steps {
-                    self.refine_one(peer, rng);
+            if self.config.refine_every > 0 {
+                self.refine_countdown -= 1;
+                if self.refine_countdown == 0 {
+                    self.refine_countdown = self.config.refine_every as u32;
+                    if self.close.len() > 1 {
+                        self.refine_one(peer, rng);
+                    }
                 }
             }
         }
@@ -742,15 +782,22 @@ impl<K: Hash + Eq + Clone> Node<K> {
     /// error estimate to real samples.
     fn refine_one<R: Rng + ?Sized>(&mut self, skip: &K, rng: &mut R) {
         let n = self.close.len();
-        self.refine_cursor = (self.refine_cursor + 1) % n;
+        self.refine_cursor = wrap_next(self.refine_cursor, n);
         if &self.close.keys[self.refine_cursor] == skip {
-            self.refine_cursor = (self.refine_cursor + 1) % n;
+            self.refine_cursor = wrap_next(self.refine_cursor, n);
         }
         let at = self.refine_cursor;
         let rtt = self.close.rtts[at];
         let w = self.config.refine_weight * self.link_weight_of(rtt);
-        self.pos
-            .step(&self.config, &self.close.coords[at], rtt, w, false, rng);
+        self.pos.step(
+            &self.config,
+            &self.close.coords[at],
+            rtt,
+            w,
+            false,
+            0.0,
+            rng,
+        );
     }
 
     fn publish(&mut self) {
@@ -772,8 +819,9 @@ impl<K: Hash + Eq + Clone> Node<K> {
 impl Position {
     /// One spring step towards/away from `other` for filtered RTT `rtt`,
     /// scaled by `weight`: serf's `updateVivaldi`, `updateAdjustment` and
-    /// `updateGravity`, then the NaN reset. `evidence` is false for replays,
-    /// which leave the error estimate alone.
+    /// `updateGravity` (with `gravity` times serf's force; 0 skips it), then
+    /// the NaN reset. `evidence` is false for replays, which leave the error
+    /// estimate alone.
     fn step<R: Rng + ?Sized>(
         &mut self,
         cfg: &Config,
@@ -781,6 +829,7 @@ impl Position {
         rtt: f64,
         weight: f64,
         evidence: bool,
+        gravity: f64,
         rng: &mut R,
     ) {
         let c = &mut self.coord;
@@ -805,13 +854,13 @@ impl Position {
         if win > 0 {
             let raw = c.raw_distance_to(other);
             self.adjustment_samples[self.adjustment_index] = rtt - raw;
-            self.adjustment_index = (self.adjustment_index + 1) % win;
+            self.adjustment_index = wrap_next(self.adjustment_index, win);
             let sum: f64 = self.adjustment_samples.iter().sum();
             c.adjustment = sum / (2.0 * win as f64);
         }
         // updateGravity: towards the origin (height height_min, no
-        // adjustment); once per real sample, not again for replays.
-        if !evidence {
+        // adjustment).
+        if gravity == 0.0 {
             if !c.is_valid() {
                 self.resets += 1;
                 *c = Coordinate::origin(cfg);
@@ -822,7 +871,7 @@ impl Position {
         let raw = norm + cfg.height_min + c.height;
         let adjusted = raw + c.adjustment;
         let d = if adjusted > 0.0 { adjusted } else { raw };
-        let g = -(d / cfg.gravity_rho).powi(2);
+        let g = -gravity * (d / cfg.gravity_rho).powi(2);
         apply_force_to_origin(c, cfg.height_min, g, norm, rng);
         if !c.is_valid() {
             self.resets += 1;
