@@ -726,8 +726,12 @@ impl<K: Hash + Eq + Clone> Node<K> {
         } else {
             0.0
         };
-        self.pos
-            .step(&self.config, other, filtered, weight, true, gravity, rng);
+        let how = Step {
+            weight,
+            evidence: true,
+            gravity,
+        };
+        self.pos.step(&self.config, other, filtered, how, rng);
         if self.config.neighbors > 0 {
             self.close
                 .note(self.config.neighbors, peer, other, filtered);
@@ -789,15 +793,13 @@ impl<K: Hash + Eq + Clone> Node<K> {
         let at = self.refine_cursor;
         let rtt = self.close.rtts[at];
         let w = self.config.refine_weight * self.link_weight_of(rtt);
-        self.pos.step(
-            &self.config,
-            &self.close.coords[at],
-            rtt,
-            w,
-            false,
-            0.0,
-            rng,
-        );
+        let how = Step {
+            weight: w,
+            evidence: false,
+            gravity: 0.0,
+        };
+        self.pos
+            .step(&self.config, &self.close.coords[at], rtt, how, rng);
     }
 
     fn publish(&mut self) {
@@ -816,6 +818,17 @@ impl<K: Hash + Eq + Clone> Node<K> {
     }
 }
 
+/// How a spring step is taken.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    /// Scale of the spring force (short-link weighting, replay weight).
+    weight: f64,
+    /// A real sample (updates the error estimate) rather than a replay.
+    evidence: bool,
+    /// Multiple of serf's gravity to apply (0 = none this step).
+    gravity: f64,
+}
+
 impl Position {
     /// One spring step towards/away from `other` for filtered RTT `rtt`,
     /// scaled by `weight`: serf's `updateVivaldi`, `updateAdjustment` and
@@ -827,11 +840,14 @@ impl Position {
         cfg: &Config,
         other: &Coordinate,
         rtt: f64,
-        weight: f64,
-        evidence: bool,
-        gravity: f64,
+        how: Step,
         rng: &mut R,
     ) {
+        let Step {
+            weight,
+            evidence,
+            gravity,
+        } = how;
         let c = &mut self.coord;
         // updateVivaldi
         let mag = euclid(&c.vec, &other.vec);

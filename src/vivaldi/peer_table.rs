@@ -7,7 +7,7 @@
 //! first probe usually lands on the slot holding both key and value, one
 //! miss. The table stays at most half full so probe chains stay short.
 
-use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash};
 
 use super::PeerHasher;
 
@@ -28,9 +28,7 @@ impl<K: Hash + Eq, V> Default for PeerTable<K, V> {
 }
 
 fn hash<K: Hash>(k: &K) -> usize {
-    let mut h = BuildHasherDefault::<PeerHasher>::default().build_hasher();
-    k.hash(&mut h);
-    h.finish() as usize
+    BuildHasherDefault::<PeerHasher>::default().hash_one(k) as usize
 }
 
 impl<K: Hash + Eq, V> PeerTable<K, V> {
