@@ -101,9 +101,14 @@ impl Coordinate {
     pub fn is_valid(&self) -> bool {
         // x * 0 is 0 for finite x and NaN for NaN or ±Inf, so one branch-free
         // sum checks every field.
-        let z = self.vec.iter().fold(0.0, |a, v| a + v * 0.0)
-            + (self.error + self.adjustment + self.height) * 0.0;
-        z == 0.0
+        let rest = (self.error + self.adjustment + self.height) * 0.0;
+        if let Ok(v) = <&[f64; 8]>::try_from(&self.vec[..]) {
+            // Pairwise so the compiler can vectorize it (a left fold may not
+            // be reordered).
+            let z = v.map(|x| x * 0.0);
+            return ((z[0] + z[1]) + (z[2] + z[3])) + ((z[4] + z[5]) + (z[6] + z[7])) + rest == 0.0;
+        }
+        self.vec.iter().fold(rest, |a, v| a + v * 0.0) == 0.0
     }
 
     /// Checks that `other` can be compared with a coordinate of `dim` dimensions.
@@ -425,7 +430,7 @@ impl PeerFilter {
     /// Adds a sample and returns the filtered value: the order statistic at
     /// `q` of the last `size` samples (`q = 0.5` gives serf's upper median,
     /// `sorted[len / 2]`).
-    fn push(&mut self, rtt: f64, size: usize, q: f64) -> f64 {
+    fn push(&mut self, rtt: f64, size: usize, pick: &[u8; MAX_FILTER_SIZE]) -> f64 {
         let size = size.clamp(1, MAX_FILTER_SIZE);
         let rtt = rtt as f32;
         if (self.len as usize) < size {
@@ -463,11 +468,20 @@ impl PeerFilter {
             cs(&mut sorted, 1, 3);
             cs(&mut sorted, 1, 2);
         }
-        // Round half up; the value is never negative, so `as` truncation
-        // is the floor.
-        let idx = (q * (n - 1) as f64 + 0.5) as usize;
-        sorted[idx.min(n - 1)] as f64
+        sorted[pick[n - 1] as usize] as f64
     }
+}
+
+/// For each sample count n = 1..=4, the index of the order statistic at
+/// quantile `q` among n sorted samples, rounding half up (`q = 0.5` gives
+/// serf's upper median, `sorted[n / 2]`).
+fn filter_pick(q: f64) -> [u8; MAX_FILTER_SIZE] {
+    let mut t = [0u8; MAX_FILTER_SIZE];
+    for (i, slot) in t.iter_mut().enumerate() {
+        let idx = (q * i as f64 + 0.5).floor() as usize;
+        *slot = idx.min(i) as u8;
+    }
+    t
 }
 
 /// A fast, deterministic hasher for peer keys (FNV-1a over the key's bytes,
@@ -508,9 +522,11 @@ impl Hasher for PeerHasher {
 
 type PeerMap<K> = PeerTable<K, PeerFilter>;
 
-/// The closest peers by filtered RTT (tomo's local refinement), ascending,
-/// as parallel arrays so the membership scan done on every update touches
-/// one cache line of keys rather than every remembered coordinate.
+/// The closest peers by filtered RTT (tomo's local refinement), unordered,
+/// as parallel arrays: the membership scan done on every update touches one
+/// cache line of keys, and an update moves nothing (a replaced or refreshed
+/// peer is overwritten in place; eviction scans the few RTTs for the
+/// largest).
 #[derive(Debug, Clone)]
 struct CloseSet<K> {
     keys: Vec<K>,
@@ -518,55 +534,62 @@ struct CloseSet<K> {
     rtts: Vec<f64>,
     /// Each peer's coordinate when it was last probed.
     coords: Vec<Coordinate>,
+    /// Index of the largest RTT (the next to evict).
+    worst: usize,
 }
 
 impl<K: Eq + Clone> CloseSet<K> {
     fn with_capacity(n: usize) -> Self {
         CloseSet {
-            keys: Vec::with_capacity(n + 1),
-            rtts: Vec::with_capacity(n + 1),
-            coords: Vec::with_capacity(n + 1),
+            keys: Vec::with_capacity(n),
+            rtts: Vec::with_capacity(n),
+            coords: Vec::with_capacity(n),
+            worst: 0,
         }
+    }
+
+    fn find_worst(&mut self) {
+        let mut worst = 0;
+        for (i, r) in self.rtts.iter().enumerate() {
+            if *r > self.rtts[worst] {
+                worst = i;
+            }
+        }
+        self.worst = worst;
     }
 
     fn len(&self) -> usize {
         self.keys.len()
     }
 
-    fn remove(&mut self, at: usize) -> (K, Coordinate) {
-        self.rtts.remove(at);
-        (self.keys.remove(at), self.coords.remove(at))
-    }
-
     /// Records `peer` at `rtt` with coordinate `other`, keeping at most `cap`
     /// peers, the closest ones.
     fn note(&mut self, cap: usize, peer: &K, other: &Coordinate, rtt: f64) {
-        let (key, mut coord) = match self.keys.iter().position(|k| k == peer) {
-            Some(at) => self.remove(at),
-            None => {
-                let full = self.len() >= cap;
-                if full && self.rtts.last().is_some_and(|w| rtt >= *w) {
-                    return;
-                }
-                if full {
-                    // Reuse the evicted entry's coordinate storage.
-                    let (_, c) = self.remove(self.len() - 1);
-                    (peer.clone(), c)
-                } else {
-                    (peer.clone(), other.clone())
-                }
-            }
-        };
-        copy_coord(&mut coord, other);
-        let at = self.rtts.partition_point(|r| *r <= rtt);
-        self.keys.insert(at, key);
-        self.rtts.insert(at, rtt);
-        self.coords.insert(at, coord);
+        if let Some(at) = self.keys.iter().position(|k| k == peer) {
+            self.rtts[at] = rtt;
+            copy_coord(&mut self.coords[at], other);
+        } else if self.len() < cap {
+            self.keys.push(peer.clone());
+            self.rtts.push(rtt);
+            self.coords.push(other.clone());
+        } else if self.rtts.get(self.worst).is_some_and(|w| rtt < *w) {
+            let at = self.worst;
+            self.keys[at] = peer.clone();
+            self.rtts[at] = rtt;
+            copy_coord(&mut self.coords[at], other);
+        } else {
+            // Farther than every remembered peer: nothing changes.
+            return;
+        }
+        self.find_worst();
     }
 
     fn forget(&mut self, peer: &K) {
         if let Some(at) = self.keys.iter().position(|k| k == peer) {
-            self.remove(at);
+            self.keys.swap_remove(at);
+            self.rtts.swap_remove(at);
+            self.coords.swap_remove(at);
+            self.find_worst();
         }
     }
 }
@@ -604,6 +627,9 @@ pub struct Node<K: Hash + Eq + Clone> {
     rtt_count: u64,
     updates: u64,
     rejected: u64,
+    /// Which sorted sample the latency filter returns when it holds
+    /// 1, 2, … samples (from `latency_filter_quantile`).
+    filter_pick: [u8; MAX_FILTER_SIZE],
     /// Real updates left until the next gravity step / close-peer replay.
     gravity_countdown: u32,
     refine_countdown: u32,
@@ -630,6 +656,7 @@ impl<K: Hash + Eq + Clone> Node<K> {
             rtt_count: 0,
             updates: 0,
             rejected: 0,
+            filter_pick: filter_pick(config.latency_filter_quantile),
             gravity_countdown: config.gravity_every as u32,
             refine_countdown: config.refine_every.max(1) as u32,
             config,
@@ -704,16 +731,13 @@ impl<K: Hash + Eq + Clone> Node<K> {
             self.rejected += 1;
             return Err(e);
         }
-        let (size, q) = (
-            self.config.latency_filter_size,
-            self.config.latency_filter_quantile,
-        );
+        let (size, pick) = (self.config.latency_filter_size, &self.filter_pick);
         let filtered = match self.peers.get_mut(peer) {
-            Some(f) => f.push(rtt, size, q),
+            Some(f) => f.push(rtt, size, pick),
             None => self
                 .peers
                 .get_or_insert_with(peer.clone(), PeerFilter::new)
-                .push(rtt, size, q),
+                .push(rtt, size, pick),
         };
         self.updates += 1;
         let weight = self.link_weight(filtered);
@@ -760,8 +784,12 @@ impl<K: Hash + Eq + Clone> Node<K> {
         self.rtt_count += 1;
         // A running mean that becomes an EWMA after 64 samples, so the
         // reference follows a changing network.
-        let n = self.rtt_count.min(64) as f64;
-        self.mean_rtt_bits += (rtt.max(ZERO_THRESHOLD).to_bits() as f64 - self.mean_rtt_bits) / n;
+        let x = rtt.max(ZERO_THRESHOLD).to_bits() as f64 - self.mean_rtt_bits;
+        self.mean_rtt_bits += if self.rtt_count >= 64 {
+            x * (1.0 / 64.0)
+        } else {
+            x / self.rtt_count as f64
+        };
         self.ref_rtt = f64::from_bits(self.mean_rtt_bits as u64);
         self.link_weight_of(rtt)
     }
@@ -1002,13 +1030,23 @@ mod tests {
     }
 
     #[test]
+    fn filter_picks_match_serf_and_the_mp_filter() {
+        // serf: sorted[len / 2] for 1, 2, 3 samples.
+        assert_eq!(&filter_pick(0.5)[..3], &[0, 1, 1]);
+        // 25th percentile of 4: the second smallest.
+        assert_eq!(filter_pick(0.25)[3], 1);
+        assert_eq!(filter_pick(0.0), [0; 4]);
+        assert_eq!(filter_pick(1.0), [0, 1, 2, 3]);
+    }
+
+    #[test]
     fn filter_is_upper_median_of_three_for_serf() {
         let mut p = PeerFilter::new();
-        assert_eq!(p.push(3.0, 3, 0.5), 3.0);
-        assert_eq!(p.push(1.0, 3, 0.5), 3.0); // upper median of two
-        assert_eq!(p.push(2.0, 3, 0.5), 2.0);
-        assert_eq!(p.push(10.0, 3, 0.5), 2.0); // window 1,2,10
-        assert_eq!(p.push(10.0, 3, 0.5), 10.0); // window 2,10,10
+        assert_eq!(p.push(3.0, 3, &filter_pick(0.5)), 3.0);
+        assert_eq!(p.push(1.0, 3, &filter_pick(0.5)), 3.0); // upper median of two
+        assert_eq!(p.push(2.0, 3, &filter_pick(0.5)), 2.0);
+        assert_eq!(p.push(10.0, 3, &filter_pick(0.5)), 2.0); // window 1,2,10
+        assert_eq!(p.push(10.0, 3, &filter_pick(0.5)), 10.0); // window 2,10,10
     }
 
     #[test]
@@ -1016,7 +1054,7 @@ mod tests {
         let mut p = PeerFilter::new();
         let mut last = 0.0;
         for v in [0.1, 0.5, 0.1, 0.9] {
-            last = p.push(v, 4, 0.25);
+            last = p.push(v, 4, &filter_pick(0.25));
         }
         assert!((last - 0.1).abs() < 1e-7, "{last}");
     }
