@@ -290,6 +290,12 @@ pub struct Config {
     /// EWMA weight of the newest position in the published coordinate
     /// (1.0 = publish the raw coordinate, as serf does).
     pub publish_smoothing: f64,
+    /// Real updates over which a new node phases in short-link weighting and
+    /// published smoothing (linearly from off to fully on): the long links
+    /// that place a node first get full force while it finds its region,
+    /// so it converges as fast as serf's, then the short ones refine it.
+    /// 0 = fully on from the start.
+    pub ramp_updates: u64,
 }
 
 impl Config {
@@ -313,6 +319,7 @@ impl Config {
             refine_weight: 0.0,
             gravity_every: 1,
             publish_smoothing: 1.0,
+            ramp_updates: 0,
         }
     }
 
@@ -339,6 +346,7 @@ impl Config {
             refine_weight: 0.2,
             gravity_every: 8,
             publish_smoothing: 0.05,
+            ramp_updates: 200,
         }
     }
 
@@ -377,6 +385,7 @@ impl Config {
         if !(self.publish_smoothing > 0.0 && self.publish_smoothing <= 1.0) {
             return bad("publish_smoothing must be in (0, 1]");
         }
+
         if !(self.short_link_alpha >= 0.0 && self.refine_weight >= 0.0) {
             return bad("short_link_alpha and refine_weight must be >= 0");
         }
@@ -794,18 +803,32 @@ impl<K: Hash + Eq + Clone> Node<K> {
         self.link_weight_of(rtt)
     }
 
-    /// The short-link weight of `rtt` against the current reference.
+    /// The short-link weight of `rtt` against the current reference,
+    /// phased in as the node gains confidence (see [`Config::ramp_error`]).
     fn link_weight_of(&self, rtt: f64) -> f64 {
         let alpha = self.config.short_link_alpha;
         if alpha <= 0.0 || rtt <= self.ref_rtt {
             return 1.0;
         }
         let ratio = self.ref_rtt / rtt;
-        if alpha == 2.0 {
+        let w = if alpha == 2.0 {
             ratio * ratio
         } else {
             ratio.powf(alpha)
+        };
+        let c = self.confidence();
+        (1.0 - c) + c * w
+    }
+
+    /// How far the node is through its start-up: `updates / ramp_updates`,
+    /// capped at 1 (always 1 when `ramp_updates` is 0).
+    #[inline]
+    fn confidence(&self) -> f64 {
+        let r = self.config.ramp_updates;
+        if self.updates >= r {
+            return 1.0;
         }
+        self.updates as f64 / r as f64
     }
 
     /// Replays the spring towards one remembered close peer (not `skip`,
@@ -831,7 +854,10 @@ impl<K: Hash + Eq + Clone> Node<K> {
     }
 
     fn publish(&mut self) {
-        let a = self.config.publish_smoothing;
+        let s = self.config.publish_smoothing;
+        // Follow the moving coordinate closely while the node is unsure of
+        // it, smooth fully once it is confident.
+        let a = s + (1.0 - s) * (1.0 - self.confidence());
         let c = &self.pos.coord;
         if a >= 1.0 {
             copy_coord(&mut self.published, c);
