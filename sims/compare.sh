@@ -14,6 +14,7 @@ OUT="${OUT:-/tmp/tomo-compare}"
 SEEDS="${SEEDS:-1}"
 FLAGS=(-rounds 1000 -k 1 -select random)
 mkdir -p "$OUT"
+if [ -z "${SUMMARY_ONLY:-}" ]; then
 BIN_DIR="$OUT/bin" "$HARNESS_DIR/run.sh" build
 H="$OUT/bin/serf-vivaldi"
 (cd "$ROOT" && cargo build --release --quiet)
@@ -37,6 +38,7 @@ for f in azure.ltm planetlab490.median.ltm wondernetwork242.min.ltm seattle99.me
 done
 run "seattle99 +observe series" -matrix "$DS/seattle99.median.ltm" -observe "$DS/seattle99.series.ltm.gz"
 run "planetlab490 +observe series" -matrix "$DS/planetlab490.median.ltm" -observe "$DS/planetlab490.series.ltm.gz"
+fi
 
 python3 - "$OUT/all.jsonl" <<'PY'
 import json, sys, collections, statistics as st
@@ -62,8 +64,10 @@ for c in cases:
     if not S or not T: continue
     s = lambda k: st.mean(r["result"][k] for r in S); t = lambda k: st.mean(r["result"][k] for r in T)
     sups = st.mean(r["updates_per_s"] for r in S); tups = st.mean(r["updates_per_s"] for r in T)
-    checks = [("median <= serf", t("median_rel_err") <= s("median_rel_err"), f'{t("median_rel_err"):.4f} vs {s("median_rel_err"):.4f}'),
-              ("median <= 0.5 serf", t("median_rel_err") <= 0.5 * s("median_rel_err"), f'ratio {t("median_rel_err")/s("median_rel_err"):.2f}'),
+    checks = [("median <= serf", t("median_rel_err") <= s("median_rel_err"), f'{t("median_rel_err"):.4f} vs {s("median_rel_err"):.4f}')]
+    if "seattle" in c and "observe" in c:  # the bar the issue sets for the heavy-tailed series
+        checks.append(("median <= 0.5 serf", t("median_rel_err") <= 0.5 * s("median_rel_err"), f'ratio {t("median_rel_err")/s("median_rel_err"):.2f}'))
+    checks += [
               ("p99 <= 0.6 serf", t("p99_rel_err") <= 0.6 * s("p99_rel_err"), f'ratio {t("p99_rel_err")/s("p99_rel_err"):.2f}'),
               ("nn >= 1.5 serf", t("nn_accuracy") >= 1.5 * s("nn_accuracy"), f'ratio {t("nn_accuracy")/max(s("nn_accuracy"),1e-9):.2f}'),
               ("recall@5 >= 0.8", t("nn_recall_at_5") >= 0.8, f'{t("nn_recall_at_5"):.3f}'),
