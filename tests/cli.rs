@@ -7,9 +7,11 @@
 //! takes a few seconds on a 2-core CI machine.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
+
+mod common;
+use common::{gen_dataset, path_str, tomo_fails_cleanly, tomo_ok};
 use tempfile::TempDir;
 
 /// The keys of the serf peer harness's `result` object, which `tomo sim`
@@ -41,46 +43,6 @@ const HARNESS_RESULT_KEYS: &[&str] = &[
     "resets",
 ];
 
-fn tomo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tomo"))
-        .args(args)
-        .output()
-        .expect("run the tomo binary")
-}
-
-/// Runs `tomo args`, fails the test with its stderr unless it succeeds, and
-/// returns its stdout.
-fn tomo_ok(args: &[&str]) -> String {
-    let out = tomo(args);
-    assert!(
-        out.status.success(),
-        "tomo {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("stdout is UTF-8")
-}
-
-/// Runs `tomo args`, asserts it fails the way a user error should (non-zero
-/// exit, a `tomo:` message, no panic) and returns its stderr.
-fn tomo_err(args: &[&str]) -> String {
-    let out = tomo(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "tomo {args:?} should have failed; stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert!(
-        stderr.starts_with("tomo:"),
-        "tomo {args:?}: stderr should start with `tomo:`: {stderr}"
-    );
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
-        "tomo {args:?} panicked: {stderr}"
-    );
-    stderr
-}
-
 /// Every stdout line of `tomo args` as JSON (one per simulation run).
 fn json_lines(args: &[&str]) -> Vec<Value> {
     tomo_ok(args)
@@ -106,10 +68,6 @@ fn sweep_results(args: &[&str]) -> Vec<Value> {
         .into_iter()
         .map(|l| l["result"].clone())
         .collect()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
 }
 
 fn num(v: &Value, key: &str) -> f64 {
@@ -157,15 +115,7 @@ fn read_csv(path: &Path) -> (String, Vec<Vec<String>>) {
 fn grid_dataset_is_complete_and_metric() {
     let dir = TempDir::new().unwrap();
     let g = dir.path().join("g.ltm");
-    tomo_ok(&[
-        "dataset",
-        "gen",
-        "grid",
-        "--nodes",
-        "25",
-        "-o",
-        path_str(&g),
-    ]);
+    gen_dataset("grid", 25, &g);
     let inf = info(&g);
     assert_eq!(inf["nodes"], 25, "{inf}");
     assert_eq!(num(&inf, "missing_fraction"), 0.0, "{inf}");
@@ -341,7 +291,7 @@ fn set_overrides_an_engine_parameter_and_names_unknown_ones() {
     assert_eq!(changed["params"]["engine_config"]["short_link_alpha"], 0.0);
     assert_ne!(default["result"], changed["result"]);
 
-    let err = tomo_err(&[
+    let err = tomo_fails_cleanly(&[
         "sim",
         "--synthetic",
         "grid",
@@ -478,7 +428,7 @@ fn bad_input_fails_with_a_message() {
     let sim_err = |args: &[&str]| {
         let mut full = vec!["sim", "--bench-updates", "0"];
         full.extend_from_slice(args);
-        tomo_err(&full)
+        tomo_fails_cleanly(&full)
     };
     let cases: Vec<(String, &str)> = vec![
         (sim_err(&["--dataset", path_str(&missing)]), "nope.ltm"),
@@ -497,10 +447,13 @@ fn bad_input_fails_with_a_message() {
         ),
         (sim_err(&[]), "--dataset"),
         (sim_err(&["--dataset", path_str(&garbage)]), "decode"),
-        (tomo_err(&["dataset", "info", path_str(&garbage)]), "decode"),
+        (
+            tomo_fails_cleanly(&["dataset", "info", path_str(&garbage)]),
+            "decode",
+        ),
         (sim_err(&["--dataset", path_str(&bad_gz)]), "gzip"),
         (
-            tomo_err(&[
+            tomo_fails_cleanly(&[
                 "dataset",
                 "gen",
                 "nosuchkind",
@@ -531,7 +484,7 @@ fn series_with_fewer_nodes_than_the_matrix_is_refused() {
         "-o",
         path_str(&small),
     ]);
-    let err = tomo_err(&[
+    let err = tomo_fails_cleanly(&[
         "sim",
         "--bench-updates",
         "0",

@@ -4,8 +4,9 @@
 //! must fail with a non-zero exit and a message that names the problem.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
+mod common;
+use common::{gen_dataset, path_str, tomo_err, tomo_ok};
 use tempfile::TempDir;
 
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
@@ -29,35 +30,6 @@ const KINDS: [(&str, &[&str]); 5] = [
     ("map", &["PC1 (ms)", "PC2 (ms)", "of variance"]),
     ("heatmap", &["destination node", "source node", "RTT (ms)"]),
 ];
-
-fn tomo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tomo"))
-        .args(args)
-        .output()
-        .expect("run the tomo binary")
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-/// Runs `tomo args` and fails the test with its stderr unless it succeeds.
-fn tomo_ok(args: &[&str]) {
-    let out = tomo(args);
-    assert!(
-        out.status.success(),
-        "tomo {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs `tomo args`, asserts it fails, and returns its stderr.
-fn tomo_err(args: &[&str]) -> String {
-    let out = tomo(args);
-    assert!(!out.status.success(), "tomo {args:?} should have failed");
-    assert_ne!(out.status.code(), Some(0));
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// A small simulator run of `profile` written to `dir/name`.
 fn sim(dir: &Path, name: &str, profile: &str) -> PathBuf {
@@ -255,15 +227,7 @@ fn kind_options_change_the_figure() {
 fn heatmap_reads_a_dataset_file() {
     let tmp = TempDir::new().expect("temp dir");
     let ltm = tmp.path().join("grid.ltm");
-    tomo_ok(&[
-        "dataset",
-        "gen",
-        "grid",
-        "--nodes",
-        "25",
-        "-o",
-        path_str(&ltm),
-    ]);
+    gen_dataset("grid", 25, &ltm);
 
     let png = tmp.path().join("grid.png");
     tomo_ok(&[
@@ -361,15 +325,7 @@ fn missing_or_malformed_run_files_are_named() {
 fn dataset_files_are_only_for_heatmaps() {
     let tmp = TempDir::new().expect("temp dir");
     let ltm = tmp.path().join("grid.ltm");
-    tomo_ok(&[
-        "dataset",
-        "gen",
-        "grid",
-        "--nodes",
-        "25",
-        "-o",
-        path_str(&ltm),
-    ]);
+    gen_dataset("grid", 25, &ltm);
     let out = tmp.path().join("x.png");
 
     let err = tomo_err(&["plot", "cdf", path_str(&ltm), "-o", path_str(&out)]);
