@@ -1,6 +1,6 @@
 //! Engine micro-benchmarks: one `Node::update` (serf and tomo profiles) and
-//! `Coordinate::distance_to`, plus ranking 10 000 instances by distance (what
-//! `?near=` does per query). Run with `cargo bench --bench vivaldi`;
+//! `Coordinate::distance_to`, ranking 10 000 instances by distance (what
+//! `?near=` does per query), and one sample into a node's tomography. Run with `cargo bench --bench vivaldi`;
 //! `tomo sim` reports the same update rate measured the serf harness's way.
 
 use std::hint::black_box;
@@ -8,6 +8,7 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use tomo::tomography::{RttSketch, Tomography, TomographyConfig};
 use tomo::vivaldi::{Config, Coordinate, Node};
 
 /// Peers with settled-looking coordinates and the RTTs to them.
@@ -65,5 +66,28 @@ fn distance(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, update, distance);
+/// One RTT sample into a node's tomography (per-peer sketch, tail excess,
+/// coordinate calibration), over 64 peers with spread-out RTTs.
+fn tomography(c: &mut Criterion) {
+    let mut t: Tomography<u32> = Tomography::new(TomographyConfig::default());
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let samples: Vec<(u32, f64)> = (0..4096)
+        .map(|_| {
+            let peer = rng.random_range(0..64u32);
+            let base = 0.01 + peer as f64 * 0.004;
+            (peer, base * (1.0 + 0.3 * rng.random::<f64>()))
+        })
+        .collect();
+    let mut k = 0usize;
+    c.bench_function("tomography_record", |b| {
+        b.iter(|| {
+            k = (k + 1) % samples.len();
+            let (peer, rtt) = samples[k];
+            t.record(&peer, rtt, Some(rtt * 0.9)).expect("valid sample");
+        })
+    });
+    eprintln!("bytes per peer sketch: {}", RttSketch::bytes());
+}
+
+criterion_group!(benches, update, distance, tomography);
 criterion_main!(benches);

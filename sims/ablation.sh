@@ -44,7 +44,7 @@ printf '| variant | azure med / p99 / NN / r@5 | planetlab490 | wondernetwork242
 printf '| --- | --- | --- | --- | --- | --- |\n'
 for c in "${CASES[@]}"; do
   IFS='|' read -r name profile sets <<<"$c"
-  args=(--profile "$profile" --bench-updates 0 --rounds 1000 --k 1 --select random --sweep "seed=$SEEDS")
+  args=(--profile "$profile" --bench-updates 0 --rounds 1000 --k 1 --select random --holdout 0 --sweep "seed=$SEEDS")
   for s in $sets; do args+=(--set "$s"); done
   row="| $name |"
   for d in "${SETS[@]}"; do

@@ -29,7 +29,8 @@ run() { # name, extra flags...
       # tomo takes the harness's flags with two dashes
       local args=()
       for a in "${FLAGS[@]}" "$@"; do case $a in -matrix) args+=(--dataset);; -*) args+=("-$a");; *) args+=("$a");; esac; done
-      "$T" sim "${args[@]}" --seed "$s" --profile $p | sed "s/^{/{\"case\":\"$name\",\"engine\":\"tomo-$p\",/" >> "$OUT/all.jsonl"
+      # --holdout 0: the harness probes every pair, so tomo must too here
+      "$T" sim "${args[@]}" --seed "$s" --profile $p --holdout 0 | sed "s/^{/{\"case\":\"$name\",\"engine\":\"tomo-$p\",/" >> "$OUT/all.jsonl"
     done
   done
 }

@@ -18,8 +18,10 @@ use serde_json::{Value, json};
 
 use crate::dataset::{self, Format, GeoOptions, Matrix, Series, Synthetic};
 use crate::sim::{
-    Evaluation, JitterMode, NodeScore, PairScore, Select, SimConfig, Simulation, TailEvaluation,
+    Evaluation, JitterMode, NodeScore, PairScore, Select, SeriesTail, SimConfig, Simulation,
+    TailEvaluation, TailPair,
 };
+use crate::tomography::TomographyConfig;
 use crate::vivaldi::{self, Profile};
 
 /// tomo: network coordinates, RTT tomography and geo-routing.
@@ -120,8 +122,13 @@ struct SimArgs {
     #[arg(long, default_value = "queue")]
     jitter_mode: String,
     /// Replay observations from this `ltm` series (same node order as --dataset); truth stays --dataset.
+    /// Also scores p50/p99 estimates against each pair's samples (the `tail` block).
     #[arg(long)]
     observe: Option<PathBuf>,
+    /// Fraction of pairs (seeded) never probed, to score predictions for unprobed pairs
+    /// [default: 0.2 with --observe, else 0].
+    #[arg(long)]
+    holdout: Option<f64>,
     /// Coordinate dimensions (default 8).
     #[arg(long)]
     dim: Option<usize>,
@@ -131,6 +138,9 @@ struct SimArgs {
     /// Override an engine parameter, e.g. `--set short_link_alpha=0.5` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Override a tomography (p50/p99 layer) parameter, e.g. `--tail-set excess_quantile=0.99`.
+    #[arg(long = "tail-set", value_name = "KEY=VALUE")]
+    tail_set: Vec<String>,
     /// Also record accuracy every E rounds (convergence).
     #[arg(long, default_value_t = 0)]
     eval_every: usize,
@@ -304,6 +314,17 @@ fn write_maybe_gz(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Applies `KEY=VALUE` overrides to an engine configuration.
 fn apply_sets(cfg: &mut vivaldi::Config, sets: &[String]) -> Result<()> {
+    override_fields(cfg, sets)?;
+    cfg.validate()?;
+    Ok(())
+}
+
+/// Applies `KEY=VALUE` overrides to any configuration that round-trips
+/// through JSON (values parse as JSON, else as strings).
+fn override_fields<T: Serialize + serde::de::DeserializeOwned>(
+    cfg: &mut T,
+    sets: &[String],
+) -> Result<()> {
     if sets.is_empty() {
         return Ok(());
     }
@@ -315,12 +336,11 @@ fn apply_sets(cfg: &mut vivaldi::Config, sets: &[String]) -> Result<()> {
         let obj = v.as_object_mut().expect("config is an object");
         let Some(slot) = obj.get_mut(k) else {
             let keys: Vec<&String> = obj.keys().collect();
-            bail!("unknown engine parameter {k:?}; known: {keys:?}");
+            bail!("unknown parameter {k:?}; known: {keys:?}");
         };
         *slot = serde_json::from_str(val).unwrap_or(Value::String(val.to_string()));
     }
     *cfg = serde_json::from_value(v).context("--set")?;
-    cfg.validate()?;
     Ok(())
 }
 
@@ -401,7 +421,9 @@ struct Output {
     updates_per_s_best: f64,
     ns_per_update: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    series_tail: Option<TailEvaluation>,
+    series_tail: Option<SeriesTail>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tail: Option<TailEvaluation>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     convergence: Vec<[f64; 2]>,
 }
@@ -423,6 +445,20 @@ fn sim_config(a: &SimArgs) -> Result<SimConfig> {
         // rounds.csv wants a curve; evaluation never changes the run.
         eval_every = (a.rounds / 50).max(1);
     }
+    let observing = a.observe.is_some();
+    let tomography = if observing {
+        let mut t = TomographyConfig::default();
+        override_fields(&mut t, &a.tail_set)?;
+        Some(t)
+    } else if !a.tail_set.is_empty() {
+        bail!("--tail-set needs --observe (the p50/p99 layer runs on a series)");
+    } else {
+        None
+    };
+    let holdout = a.holdout.unwrap_or(if observing { 0.2 } else { 0.0 });
+    if !(0.0..1.0).contains(&holdout) {
+        bail!("--holdout must be in [0, 1), got {holdout}");
+    }
     Ok(SimConfig {
         rounds: a.rounds,
         k: a.k,
@@ -432,6 +468,8 @@ fn sim_config(a: &SimArgs) -> Result<SimConfig> {
         seed: a.seed,
         engine,
         eval_every,
+        holdout,
+        tomography,
     })
 }
 
@@ -469,6 +507,8 @@ fn run_one(input: &Input, a: &SimArgs, cfg: SimConfig, show_progress: bool) -> R
         want_out.then_some(&mut nodes),
     );
     let series_tail = sim.tail_evaluation();
+    let mut tail_pairs = Vec::new();
+    let tail = sim.distribution_evaluation(want_out.then_some(&mut tail_pairs));
     let (updates, rejected) = sim.update_counts();
     // Throughput: pre-generated ops, timed loop only (the harness's method).
     let (mut ups, mut best) = (f64::NAN, f64::NAN);
@@ -500,6 +540,10 @@ fn run_one(input: &Input, a: &SimArgs, cfg: SimConfig, show_progress: bool) -> R
     if input.series.is_some() {
         p.insert("observe_missing".into(), json!(sim.observe_missing()));
     }
+    p.insert("holdout".into(), json!(cfg.holdout));
+    if let Some(t) = &cfg.tomography {
+        p.insert("tomography_config".into(), serde_json::to_value(t)?);
+    }
     p.insert("sim_wall_s".into(), json!(wall));
     p.insert("bench_updates".into(), json!(a.bench_updates));
     p.insert("bench_repeat".into(), json!(a.bench_repeat));
@@ -512,10 +556,14 @@ fn run_one(input: &Input, a: &SimArgs, cfg: SimConfig, show_progress: bool) -> R
         updates_per_s_best: best,
         ns_per_update: 1e9 / ups,
         series_tail,
+        tail,
         convergence: sim.convergence().to_vec(),
     };
     if let Some(dir) = &a.out {
         write_out_dir(dir, &out, &sim, &input.matrix, &pairs, &nodes)?;
+        if out.tail.is_some() {
+            write_tail_pairs(dir, &tail_pairs)?;
+        }
     }
     Ok(out)
 }
@@ -597,6 +645,32 @@ fn write_out_dir(
     Ok(())
 }
 
+/// `tail_pairs.csv`: every pair scored by the `tail` block.
+fn write_tail_pairs(dir: &Path, pairs: &[TailPair]) -> Result<()> {
+    let mut s = String::from(
+        "i,j,held_out,source,sketch_samples,pred_p50_ms,pred_p99_ms,actual_p50_ms,actual_p99_ms,coordinate_ms,exceed,real_samples\n",
+    );
+    for p in pairs {
+        s.push_str(&format!(
+            "{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{},{}\n",
+            p.i,
+            p.j,
+            p.held_out as u8,
+            serde_json::to_value(p.source)?.as_str().unwrap_or("?"),
+            p.sketch_samples,
+            p.pred_p50_ms,
+            p.pred_p99_ms,
+            p.actual_p50_ms,
+            p.actual_p99_ms,
+            p.coordinate_ms,
+            p.exceed,
+            p.real_samples
+        ));
+    }
+    let path = dir.join("tail_pairs.csv");
+    std::fs::write(&path, s).with_context(|| format!("writing {}", path.display()))
+}
+
 /// Expands `--sweep` specs into one argument set per run (cartesian product).
 fn expand_sweep(a: &SimArgs) -> Result<Vec<SimArgs>> {
     let mut runs = vec![a.clone()];
@@ -622,6 +696,7 @@ fn expand_sweep(a: &SimArgs) -> Result<Vec<SimArgs>> {
                     "rounds" => x.rounds = v.parse()?,
                     "jitter" => x.jitter = v.parse()?,
                     "select" => x.select = v.clone(),
+                    "holdout" => x.holdout = Some(v.parse()?),
                     engine => x.set.push(format!("{engine}={v}")),
                 }
                 x.out = r.out.as_ref().map(|o| o.join(format!("{k}={v}")));

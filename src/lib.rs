@@ -13,7 +13,8 @@
 //! | --- | --- |
 //! | [`vivaldi`] | coordinates (Consul's `Coord` JSON), the update rule, latency filters, distance; the serf-compatible profile and tomo's default profile |
 //! | [`dataset`] | RTT matrices and series (`ltm v1`, triples, King-style), summaries (`dataset info`), synthetic generators (serf's phantom shapes, the geo model) |
-//! | [`sim`] | the round-based simulator and its metrics, defined exactly as the serf peer harness defines them |
+//! | [`tomography`] | RTT distributions: per-peer quantile sketches that forget, per-node tail and calibration factors, p50/p99 for probed and unprobed pairs |
+//! | [`sim`] | the round-based simulator and its metrics, defined exactly as the serf peer harness defines them; the held-out tail evaluation |
 //! | [`stats`] | nearest-rank quantiles shared by the above |
 //!
 //! Behind the `io` feature:
@@ -31,6 +32,7 @@
 pub mod dataset;
 pub mod sim;
 pub mod stats;
+pub mod tomography;
 pub mod vivaldi;
 
 #[cfg(feature = "io")]

@@ -1,9 +1,10 @@
 //! `tomo plot`: PNG and SVG figures of simulator runs and RTT datasets.
 //!
 //! Every figure reads the files `tomo sim --out DIR` writes (`run.json`,
-//! `pairs.csv`, `coords.csv`, `rounds.csv`) and, for the heatmap, also a
-//! plain dataset file. Loading and drawing are separate steps: the inputs are
-//! parsed into a figure value first, so every file problem is a
+//! `pairs.csv`, `coords.csv`, `rounds.csv`, and `tail_pairs.csv` when the
+//! run had `--observe`) and, for the heatmap, also a plain dataset file.
+//! Loading and drawing are separate steps: the inputs are parsed into a
+//! figure value first, so every file problem is a
 //! [`PlotError`] naming the file before anything is drawn, and the drawing
 //! code is generic over the plotters backend so PNG and SVG share it.
 //!
@@ -14,6 +15,9 @@
 //! - `scatter`: predicted vs measured RTT per pair, log-log, with `y = x`.
 //! - `map`: the coordinates projected on their top two principal components.
 //! - `heatmap`: the RTT matrix as a colour grid with a colour scale.
+//! - `calibration`: how well the predicted per-pair p99 fits the observed
+//!   series: predicted vs actual p99 per pair, and the CDF over pairs of the
+//!   share of samples above the predicted p99.
 //!
 //! Text is rendered through plotters' `ttf` feature, which finds a system
 //! sans-serif font with fontconfig (DejaVu Sans on Debian/Ubuntu).
@@ -65,6 +69,11 @@ pub enum PlotError {
         /// The parser's complaint.
         source: DatasetError,
     },
+    /// A calibration plot was asked of a run without per-pair tail scores.
+    #[error(
+        "{0} does not exist: the calibration plot needs a run made with `tomo sim --observe SERIES --out DIR`"
+    )]
+    NoTailPairs(PathBuf),
     /// The inputs hold nothing to draw (e.g. no pairs, no rounds).
     #[error("nothing to plot: {0}")]
     Empty(String),
@@ -106,6 +115,11 @@ pub enum Kind {
     /// RTT matrix as a colour grid (sim directory or dataset file); over 600
     /// nodes (SVG: 250) it is block-averaged.
     Heatmap,
+    /// p99 calibration of one `tomo sim --observe` run (tail_pairs.csv):
+    /// predicted vs actual p99 per pair (probed, held out, coordinate as
+    /// baseline) and the CDF of each pair's share of samples above its
+    /// predicted p99, with the 1 % target and the pooled rates of run.json.
+    Calibration,
 }
 
 /// `tomo plot` arguments.
@@ -115,7 +129,8 @@ pub struct PlotArgs {
     #[arg(value_enum)]
     pub kind: Kind,
     /// `tomo sim --out` directories (heatmap also takes a dataset file);
-    /// map and heatmap draw one panel per input.
+    /// map and heatmap draw one panel per input; calibration takes exactly
+    /// one (draw one figure per run to compare runs).
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
     /// Output file; `.png` or `.svg` (parent directories are created).
@@ -190,6 +205,12 @@ fn check_options(args: &PlotArgs) -> Result<(), PlotError> {
             )));
         }
     }
+    if args.kind == Kind::Calibration && args.inputs.len() > 1 {
+        return Err(PlotError::Usage(format!(
+            "`tomo plot calibration` draws one run, got {} inputs: draw one figure per run",
+            args.inputs.len()
+        )));
+    }
     Ok(())
 }
 
@@ -201,6 +222,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Scatter => "scatter",
         Kind::Map => "map",
         Kind::Heatmap => "heatmap",
+        Kind::Calibration => "calibration",
     }
 }
 
@@ -234,6 +256,7 @@ enum Body {
     Scatter(Vec<ScatterSet>),
     Map(Vec<Projection>),
     Heatmap(HeatmapFigure),
+    Calibration(CalibrationFigure),
 }
 
 /// Reads every input the figure needs.
@@ -251,6 +274,7 @@ fn load_figure(args: &PlotArgs, format: OutputFormat) -> Result<Figure, PlotErro
         Kind::Scatter => Body::Scatter(load_scatter(&inputs)?),
         Kind::Map => Body::Map(load_map(&inputs)?),
         Kind::Heatmap => Body::Heatmap(load_heatmap(&inputs, args.estimate, max_cells(format))?),
+        Kind::Calibration => Body::Calibration(load_calibration(&inputs)?),
     };
     let title = args
         .title
@@ -268,6 +292,7 @@ fn default_title(kind: Kind, estimate: bool) -> &'static str {
         Kind::Map => "Coordinates, PCA projection",
         Kind::Heatmap if estimate => "Estimated RTT matrix",
         Kind::Heatmap => "RTT matrix",
+        Kind::Calibration => "p99 calibration",
     }
 }
 
@@ -312,11 +337,7 @@ fn last_component(p: &Path) -> String {
 /// `params.profile` of a run's `run.json`.
 fn read_profile(dir: &Path) -> Result<String, PlotError> {
     let path = dir.join("run.json");
-    let text = read_text(&path)?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| PlotError::Malformed {
-        path: path.clone(),
-        msg: format!("not JSON: {e}"),
-    })?;
+    let v = read_json(&path)?;
     v["params"]["profile"]
         .as_str()
         .map(str::to_string)
@@ -324,6 +345,14 @@ fn read_profile(dir: &Path) -> Result<String, PlotError> {
             path,
             msg: "no string params.profile".into(),
         })
+}
+
+/// Reads and parses a JSON file.
+fn read_json(path: &Path) -> Result<serde_json::Value, PlotError> {
+    serde_json::from_str(&read_text(path)?).map_err(|e| PlotError::Malformed {
+        path: path.to_path_buf(),
+        msg: format!("not JSON: {e}"),
+    })
 }
 
 /// Reads a whole text file.
@@ -549,6 +578,145 @@ fn load_scatter(inputs: &[(&Path, &str)]) -> Result<Vec<ScatterSet>, PlotError> 
 fn thin<T: Copy>(v: &[T], max: usize) -> Vec<T> {
     let stride = v.len().div_ceil(max.max(1)).max(1);
     v.iter().step_by(stride).copied().collect()
+}
+
+/// The per-pair tail scores `tomo sim --observe` writes.
+const TAIL_PAIRS: &str = "tail_pairs.csv";
+
+/// The pairs of one group (probed or held out) of a calibration figure.
+struct TailGroup {
+    /// `"probed"` or `"held out"`.
+    name: &'static str,
+    color: RGBColor,
+    /// Pairs with a drawable p99, before thinning.
+    pairs: usize,
+    /// `(actual p99 ms, predicted p99 ms)`, both positive, thinned.
+    points: Vec<(f64, f64)>,
+    /// Ascending share of each pair's real samples above its predicted
+    /// p99 (pairs without real samples left out).
+    exceed: Vec<f64>,
+    /// `tail.<group>.p99_exceed_rate` of run.json: the share over all the
+    /// group's samples pooled, when run.json has it.
+    pooled: Option<f64>,
+}
+
+/// Calibration data of one run.
+struct CalibrationFigure {
+    /// The groups that have pairs, probed first.
+    groups: Vec<TailGroup>,
+    /// `(actual p99 ms, coordinate estimate ms)` of every pair, thinned:
+    /// the coordinate estimate taken as a p99, the baseline.
+    baseline: Vec<(f64, f64)>,
+    /// Pooled exceed rate of the baseline over both groups
+    /// (`tail.coordinate_as_p99`), weighted by samples.
+    baseline_pooled: Option<f64>,
+}
+
+/// Reads `tail_pairs.csv` and the pooled rates of `run.json` of the one
+/// input (`check_options` rejects more).
+fn load_calibration(inputs: &[(&Path, &str)]) -> Result<CalibrationFigure, PlotError> {
+    let &(dir, _) = inputs
+        .first()
+        .ok_or_else(|| PlotError::Usage("calibration needs a run directory".into()))?;
+    let path = dir.join(TAIL_PAIRS);
+    if !path.is_file() {
+        return Err(PlotError::NoTailPairs(path));
+    }
+    let csv = Csv::read(&path)?;
+    let held_out = csv.indices("held_out")?;
+    let predicted = csv.floats("pred_p99_ms")?;
+    let actual = csv.floats("actual_p99_ms")?;
+    let coordinate = csv.floats("coordinate_ms")?;
+    let exceed = csv.floats("exceed")?;
+    let real = csv.floats("real_samples")?;
+    if let Some(k) = held_out.iter().position(|&h| h > 1) {
+        return Err(malformed(
+            &path,
+            &format!(
+                "line {}: held_out is {}, not 0 or 1",
+                csv.rows[k].0, held_out[k]
+            ),
+        ));
+    }
+    let rates = pooled_rates(&dir.join("run.json"))?;
+    let positive = |a: f64, b: f64| a > 0.0 && b > 0.0 && a.is_finite() && b.is_finite();
+    let held_out = &held_out;
+    let groups: Vec<TailGroup> = [("probed", 0), ("held out", 1)]
+        .into_iter()
+        .zip(rates.groups)
+        .filter_map(|((name, flag), pooled)| {
+            let rows = move || (0..held_out.len()).filter(move |&k| held_out[k] == flag);
+            let points: Vec<(f64, f64)> = rows()
+                .map(|k| (actual[k], predicted[k]))
+                .filter(|&(a, p)| positive(a, p))
+                .collect();
+            let mut shares: Vec<f64> = rows()
+                .filter(|&k| real[k] > 0.0 && exceed[k].is_finite())
+                .map(|k| (exceed[k] / real[k]).clamp(0.0, 1.0))
+                .collect();
+            shares.sort_by(f64::total_cmp);
+            (!points.is_empty()).then(|| TailGroup {
+                name,
+                color: series_color(flag),
+                pairs: points.len(),
+                points: thin(&points, MAX_SCATTER_POINTS),
+                exceed: shares,
+                pooled,
+            })
+        })
+        .collect();
+    if groups.is_empty() {
+        return Err(PlotError::Empty(format!(
+            "{} has no pair with positive p99s",
+            path.display()
+        )));
+    }
+    let baseline: Vec<(f64, f64)> = actual
+        .iter()
+        .copied()
+        .zip(coordinate)
+        .filter(|&(a, c)| positive(a, c))
+        .collect();
+    Ok(CalibrationFigure {
+        groups,
+        baseline: thin(&baseline, MAX_SCATTER_POINTS),
+        baseline_pooled: rates.baseline,
+    })
+}
+
+/// Pooled exceed rates of a run's `run.json`.
+struct PooledRates {
+    /// Probed, held out.
+    groups: [Option<f64>; 2],
+    /// The coordinate taken as a p99, both groups together.
+    baseline: Option<f64>,
+}
+
+/// The `tail` object of `run.json`: pooled p99 exceed rates per group, and
+/// those of the coordinate baseline pooled over both groups. A group with
+/// no pairs has no rate (null), which only drops it from the legend.
+fn pooled_rates(path: &Path) -> Result<PooledRates, PlotError> {
+    let json = read_json(path)?;
+    let tail = &json["tail"];
+    if !tail.is_object() {
+        return Err(malformed(
+            path,
+            "no `tail` object: the calibration plot needs a run made with `tomo sim --observe`",
+        ));
+    }
+    const GROUPS: [&str; 2] = ["probed", "held_out"];
+    let rate = |g: &serde_json::Value| g["p99_exceed_rate"].as_f64().filter(|r| r.is_finite());
+    let (mut above, mut samples) = (0.0, 0.0);
+    for g in GROUPS.map(|g| &tail["coordinate_as_p99"][g]) {
+        if let (Some(r), Some(n)) = (rate(g), g["samples"].as_f64()) {
+            above += r * n;
+            samples += n;
+        }
+    }
+    Ok(PooledRates {
+        groups: GROUPS.map(|g| rate(&tail[g])),
+        baseline: (samples > 0.0).then(|| above / samples),
+    })
 }
 
 /// The coordinates of one run projected on their top two principal components.
@@ -1006,6 +1174,7 @@ fn draw_and_present<DB: DrawingBackend>(
         Body::Scatter(s) => draw_scatter(root, title, s)?,
         Body::Map(m) => draw_map(root, title, m)?,
         Body::Heatmap(h) => draw_heatmap(root, title, h)?,
+        Body::Calibration(c) => draw_calibration(root, title, c)?,
     }
     // The bitmap backend only writes the file here; dropping it would
     // swallow any write error.
@@ -1156,9 +1325,25 @@ fn log_axis(lo: f64, hi: f64) -> WithKeyPoints<LogCoord<f64>> {
         .with_light_points(light)
 }
 
+/// A log axis over `[lo, hi]` labelled at powers of ten only, for a
+/// half-width panel where 1-2-5 labels would run into each other.
+fn decade_axis(lo: f64, hi: f64) -> WithKeyPoints<LogCoord<f64>> {
+    let (bold, light) = ticks_at(lo, hi, &[1]);
+    (lo..hi)
+        .log_scale()
+        .with_key_points(bold)
+        .with_light_points(light)
+}
+
 /// Labelled and unlabelled grid values of a log axis over `[lo, hi]`.
 fn log_ticks(lo: f64, hi: f64) -> (Vec<f64>, Vec<f64>) {
     let labelled: &[u32] = if hi / lo > 1e3 { &[1] } else { &[1, 2, 5] };
+    ticks_at(lo, hi, labelled)
+}
+
+/// Grid values `m × 10^e` within `[lo, hi]`, split into labelled (`m` in
+/// `labelled`) and unlabelled ones.
+fn ticks_at(lo: f64, hi: f64, labelled: &[u32]) -> (Vec<f64>, Vec<f64>) {
     let (mut bold, mut light) = (Vec::new(), Vec::new());
     let (first, last) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
     for e in first..=last {
@@ -1446,6 +1631,201 @@ fn draw_scatter<DB: DrawingBackend>(
     };
     draw_lines(&mut chart, &fonts, &[reference])?;
     draw_legend(&mut chart, &fonts, SeriesLabelPosition::UpperLeft)
+}
+
+/// Colour of the coordinate-as-p99 baseline: light grey, behind the groups.
+const BASELINE_COLOR: RGBColor = RGBColor(150, 150, 150);
+
+/// The share of samples a calibrated p99 leaves above it.
+const P99_TARGET: f64 = 0.01;
+
+/// Calibration figure: predicted vs actual p99 on the left, the CDF of the
+/// per-pair share of samples above the predicted p99 on the right.
+fn draw_calibration<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    fig: &CalibrationFigure,
+) -> Result<(), DrawFailure> {
+    let fonts = Fonts::for_area(root);
+    let body = root.titled(title, fonts.caption()).map_err(fail)?;
+    let panels = body.split_evenly((1, 2));
+    draw_p99_panel(&panels[0], fig, &fonts)?;
+    draw_exceed_panel(&panels[1], fig, &fonts)
+}
+
+/// A square panel chart centred in `area` (so `y = x` of a log-log plot is
+/// the diagonal and both panels line up), with a panel-sized caption.
+fn build_square_panel<'a, DB, X, Y>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: &str,
+    fonts: &Fonts,
+    x: X,
+    y: Y,
+) -> Result<Chart<'a, DB, X::CoordDescType, Y::CoordDescType>, DrawFailure>
+where
+    DB: DrawingBackend,
+    X: AsRangedCoord,
+    Y: AsRangedCoord,
+{
+    let SquareLayout { pad_w, pad_h, .. } = SquareLayout::of(area, fonts);
+    let m = fonts.margin();
+    ChartBuilder::on(area)
+        .caption(caption, fonts.axis_desc())
+        .margin_left(m + pad_w)
+        .margin_right(m + pad_w)
+        .margin_top(m + pad_h)
+        .margin_bottom(m + pad_h)
+        .x_label_area_size(fonts.x_label_area())
+        .y_label_area_size(fonts.y_label_area())
+        .build_cartesian_2d(x, y)
+        .map_err(fail)
+}
+
+/// A rate as a percentage with two significant digits or so: `59 %`,
+/// `1.5 %`, `0.76 %`.
+fn percent(rate: f64) -> String {
+    let p = rate * 100.0;
+    let digits = if p >= 10.0 || p == 0.0 {
+        0
+    } else if p >= 1.0 {
+        1
+    } else {
+        2
+    };
+    format!("{p:.digits$} %")
+}
+
+/// Left calibration panel: predicted vs actual p99 per pair, log-log, over
+/// the coordinate baseline, with `y = x`.
+fn draw_p99_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    fig: &CalibrationFigure,
+    fonts: &Fonts,
+) -> Result<(), DrawFailure> {
+    let all = || {
+        fig.baseline
+            .iter()
+            .chain(fig.groups.iter().flat_map(|g| g.points.iter()))
+    };
+    let lo = all().map(|&(a, p)| a.min(p)).fold(f64::INFINITY, f64::min) / 1.2;
+    let hi = all().map(|&(a, p)| a.max(p)).fold(0.0, f64::max) * 1.2;
+    // Same range on both axes so y = x is the diagonal.
+    let mut chart = build_square_panel(
+        area,
+        "p99 per pair",
+        fonts,
+        log_axis(lo, hi),
+        log_axis(lo, hi),
+    )?;
+    draw_mesh(
+        &mut chart,
+        fonts,
+        &Axes::new("actual p99 (ms)", "predicted p99 (ms)"),
+    )?;
+    let radius = fonts.px(2.0);
+    let baseline_label = match fig.baseline_pooled {
+        Some(r) => format!("coordinate as p99 (pooled {})", percent(r)),
+        None => "coordinate as p99".to_string(),
+    };
+    // The baseline first, so the groups are drawn over it.
+    chart
+        .draw_series(
+            fig.baseline
+                .iter()
+                .map(|&p| Circle::new(p, radius, BASELINE_COLOR.mix(0.3).filled())),
+        )
+        .map_err(fail)?
+        .label(baseline_label)
+        .legend(move |p| Circle::new(p, radius + 2, BASELINE_COLOR.filled()));
+    for group in &fig.groups {
+        let color = group.color;
+        chart
+            .draw_series(
+                group
+                    .points
+                    .iter()
+                    .map(|&p| Circle::new(p, radius, color.mix(0.4).filled())),
+            )
+            .map_err(fail)?
+            .label(format!("{} ({})", group.name, group.pairs))
+            .legend(move |p| Circle::new(p, radius + 2, color.filled()));
+    }
+    let reference = Line {
+        label: Some("y = x".into()),
+        color: BLACK,
+        dashed: true,
+        points: vec![(lo, lo), (hi, hi)],
+    };
+    draw_lines(&mut chart, fonts, &[reference])?;
+    draw_legend(&mut chart, fonts, SeriesLabelPosition::UpperLeft)
+}
+
+/// Right calibration panel: CDF over pairs of the share of each pair's
+/// samples above its predicted p99, log x with the zeros folded into the
+/// left edge (labelled `≤`), and the 1 % target.
+fn draw_exceed_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    fig: &CalibrationFigure,
+    fonts: &Fonts,
+) -> Result<(), DrawFailure> {
+    let (lo, hi) = exceed_x_range(&fig.groups);
+    let mut lines: Vec<Line> = fig
+        .groups
+        .iter()
+        .filter(|g| !g.exceed.is_empty())
+        .map(|g| Line {
+            label: Some(match g.pooled {
+                Some(r) => format!("{}: pooled {}", g.name, percent(r)),
+                None => g.name.to_string(),
+            }),
+            color: g.color,
+            dashed: false,
+            points: cdf_points(&g.exceed, lo, hi),
+        })
+        .collect();
+    lines.push(Line {
+        label: Some(format!("target {} %", P99_TARGET * 100.0)),
+        color: BLACK,
+        dashed: true,
+        points: vec![(P99_TARGET, 0.0), (P99_TARGET, 1.0)],
+    });
+    let x_fmt = move |v: &f64| {
+        if *v <= lo * (1.0 + 1e-9) {
+            format!("≤{}", tick_label(v))
+        } else {
+            tick_label(v)
+        }
+    };
+    let axes = Axes {
+        x_desc: "share of samples > predicted p99",
+        y_desc: "fraction of pairs",
+        x_fmt: &x_fmt,
+        y_fmt: &tick_label,
+    };
+    let mut chart = build_square_panel(
+        area,
+        "samples above predicted p99",
+        fonts,
+        decade_axis(lo, hi),
+        0.0..1.0,
+    )?;
+    draw_mesh(&mut chart, fonts, &axes)?;
+    draw_lines(&mut chart, fonts, &lines)?;
+    // The CDFs end at 1 on the right: the lower right is the empty corner.
+    draw_legend(&mut chart, fonts, SeriesLabelPosition::LowerRight)
+}
+
+/// x range of the exceedance CDF: from the decade of the smallest non-zero
+/// share (kept between 1e-5 and 1e-3, so the 1 % target always has a decade
+/// to its left) to 1.
+fn exceed_x_range(groups: &[TailGroup]) -> (f64, f64) {
+    let smallest = groups
+        .iter()
+        .flat_map(|g| g.exceed.iter().copied())
+        .filter(|&s| s > 0.0)
+        .fold(1.0, f64::min);
+    let lo = 10f64.powf(smallest.log10().floor()).clamp(1e-5, 1e-3);
+    (lo, 1.0)
 }
 
 /// Map figure: one panel per input, points coloured by node label.
@@ -1900,6 +2280,33 @@ mod tests {
         assert_eq!(viridis(0.0), RGBColor(68, 1, 84));
         assert_eq!(viridis(1.0), RGBColor(254, 232, 37));
         assert_eq!(viridis(f64::NAN), viridis(0.0));
+    }
+
+    #[test]
+    fn percent_keeps_about_two_digits() {
+        assert_eq!(percent(0.5869), "59 %");
+        assert_eq!(percent(0.015465), "1.5 %");
+        assert_eq!(percent(0.0076105), "0.76 %");
+        assert_eq!(percent(0.0), "0 %");
+    }
+
+    #[test]
+    fn exceed_axis_keeps_a_decade_left_of_the_target() {
+        let group = |exceed: Vec<f64>| TailGroup {
+            name: "probed",
+            color: BLACK,
+            pairs: exceed.len(),
+            points: Vec::new(),
+            exceed,
+            pooled: None,
+        };
+        assert_eq!(exceed_x_range(&[group(vec![0.0, 0.05, 1.0])]), (1e-3, 1.0));
+        assert_eq!(exceed_x_range(&[group(vec![0.0, 7e-4])]), (1e-4, 1.0));
+        assert_eq!(exceed_x_range(&[group(vec![1e-9])]), (1e-5, 1.0));
+        assert_eq!(exceed_x_range(&[group(Vec::new())]), (1e-3, 1.0));
+        let (bold, light) = ticks_at(1e-3, 1.0, &[1]);
+        assert_eq!(bold.len(), 4);
+        assert_eq!(light.len(), 3 * 8);
     }
 
     #[test]

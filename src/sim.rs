@@ -22,7 +22,11 @@ use serde::Serialize;
 
 use crate::dataset::{Matrix, Series, normal};
 use crate::stats::{mean, quantile_sorted, quantiles_unsorted};
+use crate::tomography::{Tomography, TomographyConfig};
 use crate::vivaldi::{self, Coordinate, Node, VivaldiError};
+
+mod tail;
+pub use tail::{PointGroups, TailEvaluation, TailGroup, TailPair};
 
 /// What can go wrong setting up a simulation.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +115,12 @@ pub struct SimConfig {
     pub engine: vivaldi::Config,
     /// Record accuracy every this many rounds (0 = only at the end).
     pub eval_every: usize,
+    /// Fraction of pairs (seeded) that are never probed, to score
+    /// predictions for pairs without samples.
+    pub holdout: f64,
+    /// Keep RTT distributions per node ([`crate::tomography`]); off means
+    /// no `tail` evaluation.
+    pub tomography: Option<TomographyConfig>,
 }
 
 impl Default for SimConfig {
@@ -124,6 +134,8 @@ impl Default for SimConfig {
             seed: 1,
             engine: vivaldi::Config::tomo(),
             eval_every: 0,
+            holdout: 0.0,
+            tomography: None,
         }
     }
 }
@@ -184,7 +196,7 @@ pub struct Evaluation {
 /// Estimates against each pair's own sample distribution in the series
 /// (the harness's `series_tail`).
 #[derive(Debug, Clone, Serialize)]
-pub struct TailEvaluation {
+pub struct SeriesTail {
     /// Pairs with at least two samples.
     pub pairs: usize,
     /// Median relative error of the estimate against the pair's p50.
@@ -246,6 +258,10 @@ pub struct Simulation<'a> {
     observe_missing: u64,
     convergence: Vec<[f64; 2]>,
     rounds_log: Vec<RoundRecord>,
+    /// Per-node RTT distributions (with `cfg.tomography`).
+    tomos: Vec<Tomography<u32>>,
+    /// Held-out pairs: bit `i * n + j` set for both orders.
+    held_out: Vec<u64>,
 }
 
 /// Accuracy after a round, for `rounds.csv`.
@@ -290,6 +306,9 @@ impl<'a> Simulation<'a> {
         if !(cfg.jitter.is_finite() && cfg.jitter >= 0.0) {
             return Err(SimError::Param("jitter must be finite and >= 0".into()));
         }
+        if !(0.0..1.0).contains(&cfg.holdout) {
+            return Err(SimError::Param("holdout must be in [0, 1)".into()));
+        }
         if let Some(s) = series {
             let needed = truth.orig.iter().max().map_or(0, |m| m + 1);
             if s.n < needed {
@@ -299,10 +318,11 @@ impl<'a> Simulation<'a> {
                 });
             }
         }
+        let held_out = hold_out(n, cfg.holdout, cfg.seed);
         let mut known = vec![Vec::new(); n];
         for (i, row) in known.iter_mut().enumerate() {
             for j in 0..n {
-                if j != i && truth.at(i, j) > 0.0 {
+                if j != i && truth.at(i, j) > 0.0 && !bit(&held_out, i * n + j) {
                     row.push(j as u32);
                 }
             }
@@ -319,10 +339,16 @@ impl<'a> Simulation<'a> {
         let nodes = (0..n)
             .map(|_| Node::new(cfg.engine.clone()))
             .collect::<Result<Vec<_>, _>>()?;
+        let tomos = match &cfg.tomography {
+            Some(t) => (0..n).map(|_| Tomography::new(t.clone())).collect(),
+            None => Vec::new(),
+        };
         Ok(Simulation {
             truth,
             series,
             nodes,
+            tomos,
+            held_out,
             pos: vec![0; n],
             known,
             order,
@@ -425,6 +451,14 @@ impl<'a> Simulation<'a> {
 
     /// Feeds node `i` one sample from `j` (ms). Returns false if rejected.
     fn feed(&mut self, i: usize, j: usize, rtt_ms: f64) -> bool {
+        if let Some(t) = self.tomos.get_mut(i) {
+            // The distribution layer sees the raw sample and what the
+            // coordinates predicted just before it.
+            let est = self.nodes[i]
+                .published()
+                .distance_to(self.nodes[j].published());
+            let _ = t.record(&(j as u32), rtt_ms / 1000.0, (est > 0.0).then_some(est));
+        }
         let (a, b) = two_mut(&mut self.nodes, i, j);
         let ok = a
             .update(
@@ -500,7 +534,7 @@ impl<'a> Simulation<'a> {
 
     /// Compares final estimates with each pair's sample distribution in the
     /// observation series (both directions pooled), as the harness does.
-    pub fn tail_evaluation(&self) -> Option<TailEvaluation> {
+    pub fn tail_evaluation(&self) -> Option<SeriesTail> {
         let s = self.series?;
         let n = self.truth.n;
         let coords = self.coordinates();
@@ -542,7 +576,7 @@ impl<'a> Simulation<'a> {
         let q1 = quantiles_unsorted(&mut e50, &[0.5, 0.99]);
         let q2 = quantiles_unsorted(&mut rat, &[0.1, 0.5]);
         let q3 = quantiles_unsorted(&mut r9950, &[0.5]);
-        Some(TailEvaluation {
+        Some(SeriesTail {
             pairs,
             rel_err_vs_pair_p50_median: q1[0],
             rel_err_vs_pair_p50_p99: q1[1],
@@ -551,6 +585,30 @@ impl<'a> Simulation<'a> {
             frac_pairs_est_below_pair_p99: below as f64 / pairs as f64,
             pair_p99_over_p50_median: q3[0],
         })
+    }
+
+    /// Whether the pair was held out (never probed).
+    pub fn is_held_out(&self, i: usize, j: usize) -> bool {
+        bit(&self.held_out, i * self.nodes.len() + j)
+    }
+
+    /// Per-node RTT distributions (empty without `cfg.tomography`).
+    pub fn tomographies(&self) -> &[Tomography<u32>] {
+        &self.tomos
+    }
+
+    /// Scores p50/p99 estimates against each pair's samples in the
+    /// observation series (the `tail` block); `None` without a series or
+    /// tomography. `pairs_out` receives every scored pair.
+    pub fn distribution_evaluation(
+        &self,
+        pairs_out: Option<&mut Vec<TailPair>>,
+    ) -> Option<TailEvaluation> {
+        let series = self.series?;
+        if self.tomos.is_empty() {
+            return None;
+        }
+        Some(tail::evaluate(self, series, pairs_out))
     }
 
     /// Pre-generates `count` updates (random node, random known peer, the
@@ -596,6 +654,31 @@ impl<'a> Simulation<'a> {
         }
         ok
     }
+}
+
+/// The held-out pair set: each unordered pair is held out with probability
+/// `fraction`, from an RNG of its own so the choice depends only on the seed.
+fn hold_out(n: usize, fraction: f64, seed: u64) -> Vec<u64> {
+    let mut bits = vec![0u64; (n * n).div_ceil(64)];
+    if fraction <= 0.0 {
+        return bits;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4001_D000);
+    for i in 0..n {
+        for j in i + 1..n {
+            if rng.random::<f64>() < fraction {
+                for k in [i * n + j, j * n + i] {
+                    bits[k / 64] |= 1 << (k % 64);
+                }
+            }
+        }
+    }
+    bits
+}
+
+#[inline]
+fn bit(bits: &[u64], k: usize) -> bool {
+    bits[k / 64] & (1 << (k % 64)) != 0
 }
 
 /// Mutable and shared borrows of two different elements.

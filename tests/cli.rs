@@ -522,3 +522,72 @@ fn help_texts_name_the_main_flags() {
         }
     }
 }
+
+#[test]
+fn observe_adds_a_tail_block_with_a_held_out_set() {
+    let dir = TempDir::new().unwrap();
+    let g = dir.path().join("geo.ltm");
+    tomo_ok(&[
+        "dataset",
+        "gen",
+        "geo",
+        "--nodes",
+        "40",
+        "--slices",
+        "30",
+        "-o",
+        path_str(&g),
+    ]);
+    let series = dir.path().join("geo.series.ltm.gz");
+    let out_dir = dir.path().join("run");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--dataset",
+            path_str(&g),
+            "--observe",
+            path_str(&series),
+            "--rounds",
+            "300",
+        ];
+        args.extend_from_slice(extra);
+        sim(&args)
+    };
+    let v = run(&["--out", path_str(&out_dir)]);
+    let t = &v["tail"];
+    let pairs = |g: &str| t[g]["pairs"].as_u64().unwrap();
+    assert_eq!(pairs("probed") + pairs("held_out"), 40 * 39 / 2);
+    let frac = pairs("held_out") as f64 / 780.0;
+    assert!((0.12..0.28).contains(&frac), "held-out fraction {frac}");
+    // Held-out pairs are never probed, so none of them has samples.
+    assert_eq!(t["held_out"]["measured_pairs"], 0);
+    assert!(t["probed"]["measured_pairs"].as_u64().unwrap() > 0);
+    for g in ["probed", "held_out"] {
+        let e = num(&t[g], "p99_exceed_rate");
+        assert!((0.0..=1.0).contains(&e), "{g} {e}");
+    }
+    // geo sets carry datacenter labels: datacenter pairs are scored too.
+    assert!(t["dc"]["pairs"].as_u64().unwrap() > 0, "{t}");
+    assert_eq!(v["params"]["holdout"], 0.2);
+    let (header, rows) = read_csv(&out_dir.join("tail_pairs.csv"));
+    assert_eq!(
+        header,
+        "i,j,held_out,source,sketch_samples,pred_p50_ms,pred_p99_ms,actual_p50_ms,actual_p99_ms,coordinate_ms,exceed,real_samples"
+    );
+    assert_eq!(rows.len(), 780);
+    assert!(rows.iter().all(|r| r[2] == "0" || r[3] == "predicted"));
+    // --holdout 0 probes every pair.
+    let all = run(&["--holdout", "0"]);
+    assert_eq!(all["tail"]["held_out"]["pairs"], 0);
+    // Without a series there is no tail block.
+    let plain = sim(&["--dataset", path_str(&g), "--rounds", "50"]);
+    assert!(plain.get("tail").is_none());
+    tomo_fails_cleanly(&[
+        "sim",
+        "--dataset",
+        path_str(&g),
+        "--observe",
+        path_str(&series),
+        "--holdout",
+        "1.5",
+    ]);
+}

@@ -52,6 +52,38 @@ fn sim(dir: &Path, name: &str, profile: &str) -> PathBuf {
     out
 }
 
+/// A run of a small generated dataset observed against its own generated
+/// series (`tomo sim --observe`), so it has `tail_pairs.csv`; in `dir/observed`.
+fn observed_sim(dir: &Path) -> PathBuf {
+    let ltm = dir.join("g.ltm");
+    tomo_ok(&[
+        "dataset",
+        "gen",
+        "geo",
+        "--nodes",
+        "40",
+        "--slices",
+        "30",
+        "-o",
+        path_str(&ltm),
+    ]);
+    let out = dir.join("observed");
+    tomo_ok(&[
+        "sim",
+        "--dataset",
+        path_str(&ltm),
+        "--observe",
+        path_str(&dir.join("g.series.ltm.gz")),
+        "--rounds",
+        "200",
+        "--bench-updates",
+        "0",
+        "--out",
+        path_str(&out),
+    ]);
+    out
+}
+
 /// A temp dir holding a `tomo` and a `serf` run.
 fn two_runs() -> (TempDir, PathBuf, PathBuf) {
     let tmp = TempDir::new().expect("temp dir");
@@ -267,7 +299,14 @@ fn unknown_kind_lists_the_valid_ones() {
     let run = sim(tmp.path(), "run", "tomo");
     let err = tomo_err(&["plot", "pie", path_str(&run), "-o", "x.png"]);
     assert!(err.contains("pie"), "{err}");
-    for kind in ["cdf", "convergence", "scatter", "map", "heatmap"] {
+    for kind in [
+        "cdf",
+        "convergence",
+        "scatter",
+        "map",
+        "heatmap",
+        "calibration",
+    ] {
         assert!(err.contains(kind), "error does not list {kind}: {err}");
     }
 }
@@ -348,4 +387,107 @@ fn dataset_files_are_only_for_heatmaps() {
     std::fs::write(&garbage, "this is not a matrix\n").expect("write garbage");
     let err = tomo_err(&["plot", "heatmap", path_str(&garbage), "-o", path_str(&out)]);
     assert!(err.contains("garbage.ltm"), "{err}");
+}
+
+#[test]
+fn calibration_renders_png_and_svg_from_an_observed_run() {
+    let tmp = TempDir::new().expect("temp dir");
+    let run = observed_sim(tmp.path());
+
+    let png = tmp.path().join("calibration.png");
+    tomo_ok(&[
+        "plot",
+        "calibration",
+        path_str(&run),
+        "-o",
+        path_str(&png),
+        "--width",
+        "640",
+        "--height",
+        "480",
+    ]);
+    assert_eq!(png_size(&png), (640, 480));
+    let bytes = std::fs::metadata(&png).expect("png written").len();
+    assert!(
+        bytes > MIN_PNG_BYTES,
+        "calibration: PNG of {bytes} bytes looks empty"
+    );
+
+    // The legend counts the pairs of each group of tail_pairs.csv.
+    let tail = std::fs::read_to_string(run.join("tail_pairs.csv")).expect("read tail_pairs.csv");
+    let header: Vec<&str> = tail.lines().next().expect("header").split(',').collect();
+    let held = header
+        .iter()
+        .position(|h| *h == "held_out")
+        .expect("held_out column");
+    let count = |flag: &str| {
+        tail.lines()
+            .skip(1)
+            .filter(|l| l.split(',').nth(held) == Some(flag))
+            .count()
+    };
+    let (probed, held_out) = (count("0"), count("1"));
+    assert!(
+        probed > 0 && held_out > 0,
+        "{probed} probed, {held_out} held out"
+    );
+
+    let svg = tmp.path().join("calibration.svg");
+    tomo_ok(&["plot", "calibration", path_str(&run), "-o", path_str(&svg)]);
+    let text = read_svg(&svg);
+    assert!(
+        text.contains(r#"width="1024" height="768""#),
+        "default size"
+    );
+    assert_contains_all(
+        &text,
+        &[
+            "p99 calibration",
+            "actual p99 (ms)",
+            "predicted p99 (ms)",
+            "share of samples",
+            "fraction of pairs",
+            &format!("probed ({probed})"),
+            &format!("held out ({held_out})"),
+            "coordinate as p99 (pooled",
+            "y = x",
+            "probed: pooled ",
+            "held out: pooled ",
+            "target 1 %",
+        ],
+        "calibration",
+    );
+}
+
+#[test]
+fn calibration_needs_one_observed_run() {
+    let tmp = TempDir::new().expect("temp dir");
+    let plain = sim(tmp.path(), "plain", "tomo");
+    let out = tmp.path().join("x.png");
+
+    let err = tomo_err(&[
+        "plot",
+        "calibration",
+        path_str(&plain),
+        "-o",
+        path_str(&out),
+    ]);
+    assert!(
+        err.contains("tail_pairs.csv") && err.contains("tomo sim --observe"),
+        "{err}"
+    );
+    assert!(!out.exists(), "no image is written on error");
+
+    let err = tomo_err(&[
+        "plot",
+        "calibration",
+        path_str(&plain),
+        path_str(&plain),
+        "-o",
+        path_str(&out),
+    ]);
+    assert!(
+        err.contains("calibration") && err.contains("one run"),
+        "{err}"
+    );
 }
