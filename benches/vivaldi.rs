@@ -4,6 +4,7 @@
 //! `tomo sim` reports the same update rate measured the serf harness's way.
 
 use std::hint::black_box;
+use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use rand::{RngExt, SeedableRng};
@@ -83,7 +84,9 @@ fn tomography(c: &mut Criterion) {
         b.iter(|| {
             k = (k + 1) % samples.len();
             let (peer, rtt) = samples[k];
-            t.record(&peer, rtt, Some(rtt * 0.9)).expect("valid sample");
+            let now = Duration::from_millis(k as u64 * 10);
+            t.record(&peer, rtt, Some(rtt * 0.9), now)
+                .expect("valid sample");
         })
     });
     eprintln!("bytes per peer sketch: {}", RttSketch::bytes());

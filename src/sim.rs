@@ -457,7 +457,13 @@ impl<'a> Simulation<'a> {
             let est = self.nodes[i]
                 .published()
                 .distance_to(self.nodes[j].published());
-            let _ = t.record(&(j as u32), rtt_ms / 1000.0, (est > 0.0).then_some(est));
+            let now = std::time::Duration::from_secs(self.round as u64);
+            let _ = t.record(
+                &(j as u32),
+                rtt_ms / 1000.0,
+                (est > 0.0).then_some(est),
+                now,
+            );
         }
         let (a, b) = two_mut(&mut self.nodes, i, j);
         let ok = a

@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +67,8 @@ pub struct RttSketch {
     lo: u16,
     /// Halvings so far (their parity picks the rounding direction).
     halvings: u16,
+    /// When the current half-life period began (time-based forgetting).
+    decayed_at: Option<Duration>,
 }
 
 impl RttSketch {
@@ -83,6 +86,7 @@ impl RttSketch {
             floor: floor as f32,
             lo: SKETCH_BUCKETS as u16,
             halvings: 0,
+            decayed_at: None,
         }
     }
 
@@ -127,6 +131,37 @@ impl RttSketch {
         }
         self.total = total;
         self.since_halving = 0;
+    }
+
+    /// Halves the counts once per `half_life` elapsed since the last time
+    /// (a zero half-life never decays). After 16 half-lives nothing of the
+    /// old weight is left and the sketch is cleared.
+    pub fn decay_to(&mut self, now: Duration, half_life: Duration) {
+        if half_life.is_zero() {
+            return;
+        }
+        let Some(at) = self.decayed_at else {
+            self.decayed_at = Some(now);
+            return;
+        };
+        // The common case, checked without a (128-bit) division.
+        if now < at + half_life {
+            return;
+        }
+        let periods = now.saturating_sub(at).as_nanos() / half_life.as_nanos();
+        if periods == 0 {
+            return;
+        }
+        if periods >= 16 {
+            self.counts.fill(0);
+            self.total = 0;
+            self.lo = SKETCH_BUCKETS as u16;
+        } else {
+            for _ in 0..periods {
+                self.halve();
+            }
+        }
+        self.decayed_at = Some(at + half_life * periods as u32);
     }
 
     /// Samples currently weighing in (after forgetting).
@@ -183,9 +218,16 @@ impl Default for RttSketch {
 /// Parameters of a node's tomography.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TomographyConfig {
-    /// Samples after which a peer's sketch halves its counts.
+    /// Half-life of a peer's samples, seconds: after a path changes, its
+    /// new RTTs outweigh the old within a few half-lives.
+    pub peer_half_life_s: f64,
+    /// Half-life of the node-wide tail excess and coordinate calibration,
+    /// seconds (they pool every peer, so they can remember longer).
+    pub node_half_life_s: f64,
+    /// Also halve a peer's sketch after this many samples (bounds the 16-bit
+    /// counts when samples come fast).
     pub peer_halve_every: u32,
-    /// Samples after which the node's tail-shape sketch halves its counts.
+    /// The same bound for the node-wide sketches.
     pub node_halve_every: u32,
     /// A pair's own p99 is trusted alone from this many samples on; below,
     /// it is blended with the ends' tail factor.
@@ -204,8 +246,10 @@ pub struct TomographyConfig {
 impl Default for TomographyConfig {
     fn default() -> Self {
         TomographyConfig {
-            peer_halve_every: 256,
-            node_halve_every: 4096,
+            peer_half_life_s: 300.0,
+            node_half_life_s: 1800.0,
+            peer_halve_every: 1024,
+            node_halve_every: 16384,
             direct_p99_samples: 400,
             tail_quantile: 0.99,
             excess_quantile: 0.98,
@@ -285,14 +329,16 @@ impl<K: Hash + Eq + Clone> Tomography<K> {
         self.peers.len()
     }
 
-    /// Records one raw RTT sample (seconds) to `peer`; `coordinate_estimate`
-    /// is what the coordinates predicted for the pair at the time, if known.
-    /// Invalid input is rejected and changes nothing.
+    /// Records one raw RTT sample (seconds) to `peer` taken at `now` (any
+    /// monotonic clock); `coordinate_estimate` is what the coordinates
+    /// predicted for the pair at the time, if known. Invalid input is
+    /// rejected and changes nothing.
     pub fn record(
         &mut self,
         peer: &K,
         rtt: f64,
         coordinate_estimate: Option<f64>,
+        now: Duration,
     ) -> Result<(), TomographyError> {
         if !(rtt.is_finite() && rtt > 0.0 && rtt <= SKETCH_MAX_S) {
             self.rejected += 1;
@@ -305,7 +351,12 @@ impl<K: Hash + Eq + Clone> Tomography<K> {
             return Err(TomographyError::InvalidEstimate(e));
         }
         let halve = self.cfg.peer_halve_every;
+        let peer_hl = Duration::from_secs_f64(self.cfg.peer_half_life_s.max(0.0));
+        let node_hl = Duration::from_secs_f64(self.cfg.node_half_life_s.max(0.0));
+        self.excess.decay_to(now, node_hl);
+        self.coord_ratio.decay_to(now, node_hl);
         let sketch = self.peers.entry(peer.clone()).or_default();
+        sketch.decay_to(now, peer_hl);
         sketch.record(rtt, halve);
         let median = sketch.quantile(0.5).expect("just recorded");
         // A single sample says nothing about the spread (it is the median).
@@ -453,6 +504,32 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_path_takes_over_within_minutes() {
+        // One sample a second to one peer: 10 ms for an hour, then 100 ms.
+        let mut t: Tomography<u32> = Tomography::new(TomographyConfig::default());
+        for s in 0..3600u64 {
+            t.record(&1, 0.010, None, Duration::from_secs(s)).unwrap();
+        }
+        let mut took = None;
+        for s in 3600..7200u64 {
+            t.record(&1, 0.100, None, Duration::from_secs(s)).unwrap();
+            if took.is_none() && t.sketch(&1).unwrap().quantile(0.5).unwrap() > 0.09 {
+                took = Some(s - 3600);
+            }
+        }
+        let took = took.expect("the new path never took over");
+        // The median flips once the new samples outweigh the decayed old
+        // ones: about one peer half-life.
+        assert!(took <= 600, "took {took} s");
+        // Decay with no samples: a long silence clears the sketch.
+        let mut s = RttSketch::new();
+        s.decay_to(Duration::ZERO, Duration::from_secs(10));
+        s.record(0.01, 0);
+        s.decay_to(Duration::from_secs(1000), Duration::from_secs(10));
+        assert_eq!(s.count(), 0);
+    }
+
+    #[test]
     fn extremes_land_in_the_end_buckets() {
         let mut s = RttSketch::new();
         s.record(1e-9, 0);
@@ -464,19 +541,19 @@ mod tests {
     #[test]
     fn bad_samples_change_nothing() {
         let mut t: Tomography<u32> = Tomography::new(TomographyConfig::default());
-        t.record(&1, 0.05, Some(0.04)).unwrap();
-        t.record(&1, 0.07, Some(0.04)).unwrap();
+        t.record(&1, 0.05, Some(0.04), Duration::ZERO).unwrap();
+        t.record(&1, 0.07, Some(0.04), Duration::ZERO).unwrap();
         let before = (
             t.sketch(&1).cloned(),
             t.tail_excess(),
             t.coordinate_factor(),
         );
         for bad in [f64::NAN, f64::INFINITY, -1.0, 0.0, 11.0] {
-            assert!(t.record(&1, bad, None).is_err());
-            assert!(t.record(&2, bad, None).is_err());
+            assert!(t.record(&1, bad, None, Duration::ZERO).is_err());
+            assert!(t.record(&2, bad, None, Duration::ZERO).is_err());
         }
-        assert!(t.record(&1, 0.05, Some(f64::NAN)).is_err());
-        assert!(t.record(&1, 0.05, Some(-1.0)).is_err());
+        assert!(t.record(&1, 0.05, Some(f64::NAN), Duration::ZERO).is_err());
+        assert!(t.record(&1, 0.05, Some(-1.0), Duration::ZERO).is_err());
         assert_eq!(
             (
                 t.sketch(&1).cloned(),
@@ -499,7 +576,8 @@ mod tests {
             let peer = i % 50;
             let base = 0.02 + peer as f64 * 1e-3;
             let rtt = if (i / 50) % 20 == 7 { base * 8.0 } else { base };
-            a.record(&peer, rtt, Some(base)).unwrap();
+            a.record(&peer, rtt, Some(base), Duration::from_secs((i / 50) as u64))
+                .unwrap();
         }
         let x = a.tail_excess();
         assert!(x > 0.1 && x < 0.5, "tail excess {x}");
