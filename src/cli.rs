@@ -16,6 +16,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+mod agent_cmd;
+
 use crate::dataset::{self, Format, GeoOptions, Matrix, Series, Synthetic};
 use crate::sim::{
     Evaluation, JitterMode, NodeScore, PairScore, Select, SeriesTail, SimConfig, Simulation,
@@ -42,6 +44,39 @@ enum Command {
     Dataset(DatasetCmd),
     /// Draw RTT figures from `tomo sim --out` directories or datasets.
     Plot(crate::plot::PlotArgs),
+    /// Run an agent: SWIM gossip over UDP feeding the coordinate engine, and
+    /// the HTTP API. Takes Consul's flags (`-node`, `-bind`, `-join`, `-dev`, …).
+    Agent(Box<agent_cmd::AgentArgs>),
+    /// Start N agents in this process whose links get a dataset's latencies,
+    /// and watch their coordinates converge.
+    Demo(agent_cmd::DemoArgs),
+    /// List the cluster's members as the local agent sees them.
+    Members(agent_cmd::ClientArgs),
+    /// Estimated RTT between two nodes from their coordinates (`consul rtt`).
+    Rtt {
+        /// First node.
+        node1: String,
+        /// Second node [default: the agent's own].
+        node2: Option<String>,
+        #[command(flatten)]
+        client: agent_cmd::ClientArgs,
+    },
+    /// The local agent's configuration and coordinate.
+    Info(agent_cmd::ClientArgs),
+}
+
+/// Consul spells long flags with one dash (`-node`, `-retry-join`): accept
+/// that by doubling the dash of any `-word` argument of two or more letters.
+fn normalize_args(args: impl Iterator<Item = String>) -> Vec<String> {
+    args.enumerate()
+        .map(|(i, a)| {
+            let single = a.len() > 2
+                && a.starts_with('-')
+                && !a.starts_with("--")
+                && a[1..].starts_with(|c: char| c.is_ascii_alphabetic());
+            if i > 0 && single { format!("-{a}") } else { a }
+        })
+        .collect()
 }
 
 #[derive(Subcommand, Debug)]
@@ -173,7 +208,7 @@ struct SimArgs {
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(normalize_args(std::env::args()));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -188,6 +223,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sim(a) => sim_cmd(*a),
         Command::Dataset(d) => dataset_cmd(d),
         Command::Plot(p) => Ok(crate::plot::run(&p)?),
+        Command::Agent(a) => agent_cmd::agent(*a),
+        Command::Demo(d) => agent_cmd::demo(d),
+        Command::Members(c) => agent_cmd::members(&c),
+        Command::Rtt {
+            node1,
+            node2,
+            client,
+        } => agent_cmd::rtt(&client, &node1, node2.as_deref()),
+        Command::Info(c) => agent_cmd::info(&c),
     }
 }
 

@@ -372,6 +372,30 @@ impl Gossip {
         self.stats
     }
 
+    /// Records a coordinate for `name` from outside the gossip (Consul's
+    /// `PUT /v1/coordinate/update`), after validating it.
+    pub fn insert_coordinate(
+        &mut self,
+        name: String,
+        c: Coordinate,
+        now: Duration,
+    ) -> Result<(), GossipError> {
+        if c.vec.len() != self.engine.config().dimensionality {
+            return Err(GossipError::BadCoordinate);
+        }
+        if !c.is_valid() {
+            return Err(GossipError::BadCoordinate);
+        }
+        self.table.insert(
+            name,
+            TableEntry {
+                coordinate: c,
+                updated: now,
+            },
+        );
+        Ok(())
+    }
+
     /// Live members other than this node (alive or suspect).
     pub fn members(&self) -> impl Iterator<Item = &Id> {
         self.foca.iter_members().map(|m| m.id())

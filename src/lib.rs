@@ -23,7 +23,8 @@
 //! | module | owns |
 //! | --- | --- |
 //! | `plot` | PNG/SVG figures (plotters) from `tomo sim --out` directories and datasets |
-//! | `cli` | the `tomo` command (clap): `sim`, `dataset`, `plot`; the binary's `main` only calls it |
+//! | `agent` | the agent process: the UDP gossip driver (tokio, socket2), user-space link emulation, the HTTP API (axum) in Consul's shapes |
+//! | `cli` | the `tomo` command (clap): `sim`, `dataset`, `plot`, `agent`, `demo`, `members`, `rtt`, `info`; the binary's `main` only calls it |
 //!
 //! The shape the later modules (gossip, tomography, catalog, agent, server,
 //! proxy) grow into is `../shared/docs/architecture.md`.
@@ -37,6 +38,8 @@ pub mod stats;
 pub mod tomography;
 pub mod vivaldi;
 
+#[cfg(feature = "io")]
+pub mod agent;
 #[cfg(feature = "io")]
 pub mod cli;
 #[cfg(feature = "io")]

@@ -1,0 +1,407 @@
+//! The agent process: the UDP gossip driver around [`crate::gossip`] and
+//! the HTTP API (coordinate and membership endpoints in Consul's shapes).
+//!
+//! One tokio task owns the UDP socket and the timer queue and calls the
+//! sans-IO [`Gossip`] core with the real clock; the HTTP handlers read the
+//! core's state under a mutex. Datagrams can be delayed or dropped per
+//! destination in user space ([`link::LinkEmulator`]) to emulate a
+//! topology on loopback.
+
+pub mod http;
+pub mod link;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use foca::Timer;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::gossip::{Event, Gossip, GossipConfig, Id, Output};
+use link::LinkEmulator;
+
+/// What can go wrong starting or driving an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A socket could not be set up.
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        /// Which socket.
+        what: &'static str,
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The gossip core refused its configuration.
+    #[error(transparent)]
+    Gossip(#[from] crate::gossip::GossipError),
+    /// The agent has stopped.
+    #[error("the agent has stopped")]
+    Stopped,
+}
+
+/// How to run an agent (Consul's flag names in parentheses).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Node name (`-node`).
+    pub node: String,
+    /// Datacenter (`-datacenter`).
+    pub datacenter: String,
+    /// Gossip UDP address (`-bind` and `-serf-lan-port`).
+    pub bind: SocketAddr,
+    /// Address announced to peers (`-advertise`); default: the bound one.
+    pub advertise: Option<SocketAddr>,
+    /// HTTP address (`-client` and `-http-port`).
+    pub http: SocketAddr,
+    /// Seeds joined at start (`-join`).
+    pub join: Vec<SocketAddr>,
+    /// Seeds retried until one answers (`-retry-join`).
+    pub retry_join: Vec<SocketAddr>,
+    /// How often a member is probed (LAN: 1 s). Other SWIM timings scale
+    /// with it.
+    pub probe_interval: Duration,
+    /// Expected cluster size, for SWIM's suspicion and fan-out.
+    pub cluster_size: u32,
+    /// Seed of the core's randomness.
+    pub seed: u64,
+    /// Optional user-space link emulation of outgoing datagrams.
+    pub link: Option<Arc<LinkEmulator>>,
+}
+
+impl AgentConfig {
+    /// A development agent: node `name`, datacenter `dc1`, gossip and HTTP
+    /// on ephemeral loopback ports.
+    pub fn dev(name: &str) -> Self {
+        AgentConfig {
+            node: name.to_string(),
+            datacenter: "dc1".into(),
+            bind: "127.0.0.1:0".parse().expect("literal"),
+            advertise: None,
+            http: "127.0.0.1:0".parse().expect("literal"),
+            join: Vec::new(),
+            retry_join: Vec::new(),
+            probe_interval: Duration::from_secs(1),
+            cluster_size: 16,
+            seed: 1,
+            link: None,
+        }
+    }
+
+    /// The gossip core's configuration for this agent.
+    fn gossip_config(&self) -> GossipConfig {
+        let mut g = GossipConfig::lan(self.cluster_size);
+        // foca's LAN defaults assume a 1 s probe period; scale them all.
+        let k = self.probe_interval.as_secs_f64();
+        let scale = |d: Duration| Duration::from_secs_f64(d.as_secs_f64() * k);
+        g.foca.probe_period = self.probe_interval;
+        g.foca.probe_rtt = self.probe_interval / 2;
+        g.foca.suspect_to_down_after = scale(g.foca.suspect_to_down_after);
+        g.foca.remove_down_after = g.foca.remove_down_after.map(scale);
+        for p in [
+            &mut g.foca.periodic_announce,
+            &mut g.foca.periodic_announce_to_down_members,
+            &mut g.foca.periodic_gossip,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            p.frequency = scale(p.frequency);
+        }
+        g
+    }
+}
+
+/// Requests from the HTTP side (or the embedding program) to the driver.
+#[derive(Debug)]
+enum Command {
+    Join(SocketAddr, oneshot::Sender<()>),
+    Leave(oneshot::Sender<()>),
+}
+
+/// State shared between the driver and the HTTP handlers.
+pub struct Shared {
+    /// The gossip core.
+    pub gossip: Mutex<Gossip>,
+    /// Raises on every membership change or coordinate refresh; served as
+    /// `X-Consul-Index` (never 0).
+    pub index: AtomicU64,
+    /// Node name.
+    pub node: String,
+    /// Datacenter.
+    pub datacenter: String,
+    /// The gossip address peers use.
+    pub gossip_addr: SocketAddr,
+    /// When the agent started.
+    pub started: Instant,
+    /// The link emulator, when datagrams are delayed in user space.
+    pub link: Option<Arc<LinkEmulator>>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Shared {
+    /// Joins the cluster through `addr` (`PUT /v1/agent/join/:address`).
+    pub async fn join(&self, addr: SocketAddr) -> Result<(), AgentError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Join(addr, tx))
+            .await
+            .map_err(|_| AgentError::Stopped)?;
+        rx.await.map_err(|_| AgentError::Stopped)
+    }
+
+    /// Leaves the cluster gracefully (`PUT /v1/agent/leave`).
+    pub async fn leave(&self) -> Result<(), AgentError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Leave(tx))
+            .await
+            .map_err(|_| AgentError::Stopped)?;
+        rx.await.map_err(|_| AgentError::Stopped)
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// Where gossip listens.
+    pub gossip_addr: SocketAddr,
+    /// State shared with the HTTP API.
+    pub shared: Arc<Shared>,
+    driver: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    /// Binds the sockets and starts the gossip driver and the HTTP server.
+    pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
+        let sock = bind_udp(cfg.bind)?;
+        let local = sock.local_addr().map_err(|e| AgentError::Bind {
+            what: "gossip",
+            addr: cfg.bind,
+            source: e,
+        })?;
+        let gossip_addr = cfg.advertise.unwrap_or(local);
+        let id = Id {
+            name: cfg.node.clone(),
+            addr: gossip_addr,
+            bump: 0,
+        };
+        let gossip = Gossip::new(id, cfg.gossip_config(), cfg.seed)?;
+        let (tx, rx) = mpsc::channel(16);
+        let shared = Arc::new(Shared {
+            gossip: Mutex::new(gossip),
+            index: AtomicU64::new(1),
+            node: cfg.node.clone(),
+            datacenter: cfg.datacenter.clone(),
+            gossip_addr,
+            started: Instant::now(),
+            link: cfg.link.clone(),
+            commands: tx,
+        });
+        let listener =
+            tokio::net::TcpListener::bind(cfg.http)
+                .await
+                .map_err(|e| AgentError::Bind {
+                    what: "http",
+                    addr: cfg.http,
+                    source: e,
+                })?;
+        let http_addr = listener.local_addr().map_err(|e| AgentError::Bind {
+            what: "http",
+            addr: cfg.http,
+            source: e,
+        })?;
+        let app = http::router(shared.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let driver = tokio::spawn(drive(Arc::new(sock), shared.clone(), cfg, rx));
+        Ok(Agent {
+            http_addr,
+            gossip_addr,
+            shared,
+            driver,
+            server,
+        })
+    }
+
+    /// Leaves the cluster and stops.
+    pub async fn shutdown(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.leave()).await;
+        // Let the leave datagrams go out before the socket closes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.driver.abort();
+        self.server.abort();
+    }
+
+    /// Stops without leaving (as a crash would).
+    pub fn abort(self) {
+        self.driver.abort();
+        self.server.abort();
+    }
+}
+
+/// A UDP socket with large buffers and address reuse (socket2).
+fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, AgentError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |e| AgentError::Bind {
+        what: "gossip",
+        addr,
+        source: e,
+    };
+    let s =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    s.set_reuse_address(true).map_err(err)?;
+    // Bursts of gossip must not be lost to a small default buffer.
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.set_nonblocking(true).map_err(err)?;
+    s.bind(&addr.into()).map_err(err)?;
+    UdpSocket::from_std(s.into()).map_err(err)
+}
+
+/// Timers ordered by deadline.
+#[derive(Default)]
+struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    items: HashMap<u64, Timer<Id>>,
+    seq: u64,
+}
+
+impl Timers {
+    fn push(&mut self, at: Instant, t: Timer<Id>) {
+        self.seq += 1;
+        self.items.insert(self.seq, t);
+        self.heap.push(Reverse((at, self.seq)));
+    }
+
+    fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    fn pop_due(&mut self, now: Instant) -> Option<Timer<Id>> {
+        let Reverse((at, seq)) = *self.heap.peek()?;
+        if at > now {
+            return None;
+        }
+        self.heap.pop();
+        self.items.remove(&seq)
+    }
+}
+
+/// The gossip driver: socket, timers, commands.
+async fn drive(
+    sock: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+    cfg: AgentConfig,
+    mut commands: mpsc::Receiver<Command>,
+) {
+    let started = shared.started;
+    let since = move || started.elapsed();
+    let mut timers = Timers::default();
+    let mut buf = vec![0u8; 65536];
+    let seeds: Vec<SocketAddr> = cfg.join.iter().chain(&cfg.retry_join).copied().collect();
+    let mut retry = tokio::time::interval(cfg.probe_interval * 5);
+    for s in &seeds {
+        let outs = shared
+            .gossip
+            .lock()
+            .expect("not poisoned")
+            .announce(since(), *s);
+        apply(&sock, &shared, &cfg, &mut timers, outs);
+    }
+    loop {
+        let next = timers
+            .next()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = sock.recv_from(&mut buf) => {
+                let Ok((n, from)) = r else { continue };
+                                let outs = shared.gossip.lock().expect("not poisoned").handle_datagram(since(), from, &buf[..n]);
+                // Coordinates refresh with every datagram: a new table index.
+                shared.index.fetch_add(1, Ordering::Relaxed);
+                apply(&sock, &shared, &cfg, &mut timers, outs);
+            }
+            _ = tokio::time::sleep_until(next.into()) => {
+                let now = Instant::now();
+                while let Some(t) = timers.pop_due(now) {
+                    let outs = shared.gossip.lock().expect("not poisoned").handle_timer(since(), t);
+                    apply(&sock, &shared, &cfg, &mut timers, outs);
+                }
+            }
+            _ = retry.tick() => {
+                                // Keep knocking on the seeds while we know nobody: a seed
+                // that was not up yet (or a healed partition) still joins.
+                let alone = shared.gossip.lock().expect("not poisoned").members().next().is_none();
+                if alone {
+                    for s in &seeds {
+                        let outs = shared.gossip.lock().expect("not poisoned").announce(since(), *s);
+                        apply(&sock, &shared, &cfg, &mut timers, outs);
+                    }
+                }
+            }
+            c = commands.recv() => match c {
+                Some(Command::Join(addr, done)) => {
+                    let outs = shared.gossip.lock().expect("not poisoned").announce(since(), addr);
+                    apply(&sock, &shared, &cfg, &mut timers, outs);
+                    let _ = done.send(());
+                }
+                Some(Command::Leave(done)) => {
+                    let outs = shared.gossip.lock().expect("not poisoned").leave(since());
+                    apply(&sock, &shared, &cfg, &mut timers, outs);
+                    let _ = done.send(());
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+/// Carries out the core's outputs: sends (through the link emulator),
+/// arms timers, bumps the index on events.
+fn apply(
+    sock: &Arc<UdpSocket>,
+    shared: &Shared,
+    cfg: &AgentConfig,
+    timers: &mut Timers,
+    outs: Vec<Output>,
+) {
+    let mut changed = false;
+    for o in outs {
+        match o {
+            Output::Send { to, bytes } => {
+                let delay = match &cfg.link {
+                    Some(l) => l.delay_to(to),
+                    None => Some(Duration::ZERO),
+                };
+                match delay {
+                    None => {}
+                    Some(d) if d.is_zero() => {
+                        let _ = sock.try_send_to(&bytes, to);
+                    }
+                    Some(d) => {
+                        let sock = sock.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(d).await;
+                            let _ = sock.send_to(&bytes, to).await;
+                        });
+                    }
+                }
+            }
+            Output::Timer { at, timer } => timers.push(shared.started + at, timer),
+            Output::Event(Event::MemberUp(_) | Event::MemberDown(_) | Event::Rejoined(_)) => {
+                changed = true
+            }
+            Output::Event(_) => {}
+        }
+    }
+    if changed {
+        shared.index.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,540 @@
+//! `tomo agent`, `tomo demo` and the agent clients `tomo members`,
+//! `tomo rtt` and `tomo info`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use serde_json::Value;
+
+use crate::agent::link::LinkEmulator;
+use crate::agent::{Agent, AgentConfig};
+use crate::dataset::Matrix;
+use crate::vivaldi::Coordinate;
+
+/// `tomo agent`: Consul's flag names (one dash or two).
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Node name [default: the host name, or `tomo-dev` with -dev].
+    #[arg(long)]
+    node: Option<String>,
+    /// Datacenter.
+    #[arg(long, default_value = "dc1")]
+    datacenter: String,
+    /// Address gossip binds to.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// Address announced to other members [default: the bind address; 127.0.0.1 with -dev].
+    #[arg(long)]
+    advertise: Option<IpAddr>,
+    /// Address the HTTP API binds to.
+    #[arg(long, default_value = "127.0.0.1")]
+    client: IpAddr,
+    /// HTTP API port.
+    #[arg(long, default_value_t = 8500)]
+    http_port: u16,
+    /// Gossip (Serf LAN) UDP port.
+    #[arg(long, default_value_t = 8301)]
+    serf_lan_port: u16,
+    /// Join these members at start (host:port; repeatable).
+    #[arg(long)]
+    join: Vec<String>,
+    /// Keep trying to join these until one answers (repeatable).
+    #[arg(long)]
+    retry_join: Vec<String>,
+    /// Data directory (created if missing).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Configuration file (JSON: node_name, datacenter, bind_addr, client_addr,
+    /// ports.http, ports.serf_lan, start_join, retry_join).
+    #[arg(long)]
+    config_file: Option<PathBuf>,
+    /// Development mode: loopback addresses, no data directory needed.
+    #[arg(long)]
+    dev: bool,
+    /// Log level (trace, debug, info, warn, err).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Probe interval (tomo; LAN default 1s; e.g. 200ms for tests).
+    #[arg(long, default_value = "1s")]
+    probe_interval: String,
+    /// Emulate link latencies from this dataset (tomo; one-way = RTT / 2).
+    #[arg(long, requires_all = ["link_index", "link_peers"])]
+    link_dataset: Option<PathBuf>,
+    /// This agent's row in --link-dataset.
+    #[arg(long)]
+    link_index: Option<usize>,
+    /// Gossip addresses of the dataset's nodes, in row order (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    link_peers: Vec<SocketAddr>,
+}
+
+/// `tomo demo`.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// RTT matrix whose latencies the agents' links get (ltm, triples with --format).
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Agents to start [default: every node of the dataset, at most 50].
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Probe interval.
+    #[arg(long, default_value = "1s")]
+    probe_interval: String,
+    /// Agent i serves HTTP on this port + i [default: ephemeral ports].
+    #[arg(long)]
+    http_port_base: Option<u16>,
+    /// Stop after this long (e.g. 60s) [default: run until Ctrl-C].
+    #[arg(long)]
+    duration: Option<String>,
+    /// Seconds between table refreshes.
+    #[arg(long, default_value_t = 2)]
+    every: u64,
+}
+
+/// `tomo members`, `tomo rtt`, `tomo info`: the agent to ask.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The agent's HTTP address.
+    #[arg(long, env = "CONSUL_HTTP_ADDR", default_value = "127.0.0.1:8500")]
+    http_addr: String,
+}
+
+/// Parses `500ms`, `2s`, `10m`, `1h` (or a bare number of seconds).
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let v: f64 = num
+        .parse()
+        .map_err(|_| anyhow!("invalid duration {s:?} (e.g. 500ms, 2s, 10m, 1h)"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => bail!("invalid duration unit in {s:?} (ms, s, m, h)"),
+    };
+    if !(secs.is_finite() && secs >= 0.0) {
+        bail!("invalid duration {s:?}");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_addrs(list: &[String], default_port: u16) -> Result<Vec<SocketAddr>> {
+    list.iter()
+        .map(|s| {
+            s.parse::<SocketAddr>()
+                .or_else(|_| {
+                    s.parse::<IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, default_port))
+                })
+                .with_context(|| format!("invalid address {s:?} (want host:port)"))
+        })
+        .collect()
+}
+
+/// Fields of a JSON configuration file, applied under the flags.
+fn apply_config_file(a: &mut AgentArgs, path: &std::path::Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: only JSON configuration files are supported so far",
+            path.display()
+        )
+    })?;
+    if let Some(n) = v["node_name"].as_str() {
+        a.node.get_or_insert(n.to_string());
+    }
+    if let Some(d) = v["datacenter"].as_str() {
+        a.datacenter = d.to_string();
+    }
+    if let Some(b) = v["bind_addr"].as_str() {
+        a.bind = b.parse().with_context(|| format!("bind_addr {b:?}"))?;
+    }
+    if let Some(c) = v["client_addr"].as_str() {
+        a.client = c.parse().with_context(|| format!("client_addr {c:?}"))?;
+    }
+    if let Some(p) = v["ports"]["http"].as_u64() {
+        a.http_port = p as u16;
+    }
+    if let Some(p) = v["ports"]["serf_lan"].as_u64() {
+        a.serf_lan_port = p as u16;
+    }
+    for (key, list) in [
+        ("start_join", &mut a.join),
+        ("retry_join", &mut a.retry_join),
+    ] {
+        if let Some(arr) = v[key].as_array() {
+            list.extend(arr.iter().filter_map(|x| x.as_str().map(str::to_string)));
+        }
+    }
+    Ok(())
+}
+
+fn load_matrix(path: &std::path::Path) -> Result<Matrix> {
+    let mut m = super::load_matrix(path, "ltm", None)?;
+    m.symmetrize();
+    Ok(m)
+}
+
+/// Runs an agent until SIGINT/SIGTERM, then leaves gracefully.
+pub fn agent(mut a: AgentArgs) -> Result<()> {
+    if let Some(p) = a.config_file.clone() {
+        apply_config_file(&mut a, &p)?;
+    }
+    if let Some(d) = &a.data_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    } else if !a.dev {
+        bail!("-data-dir is required (or use -dev)");
+    }
+    let bind_ip = if a.dev && a.bind.is_unspecified() {
+        "127.0.0.1".parse()?
+    } else {
+        a.bind
+    };
+    let node = a.node.clone().unwrap_or_else(|| {
+        if a.dev {
+            "tomo-dev".into()
+        } else {
+            host_name()
+        }
+    });
+    let advertise_ip = a.advertise.unwrap_or(if bind_ip.is_unspecified() {
+        "127.0.0.1".parse()?
+    } else {
+        bind_ip
+    });
+    let probe_interval = parse_duration(&a.probe_interval)?;
+    if probe_interval < Duration::from_millis(10) {
+        bail!("-probe-interval must be at least 10ms");
+    }
+    let link = match (&a.link_dataset, a.link_index) {
+        (Some(path), Some(i)) => {
+            let m = load_matrix(path)?;
+            if i >= m.n || a.link_peers.len() > m.n {
+                bail!(
+                    "--link-index {i} / {} peers do not fit a {}-node dataset",
+                    a.link_peers.len(),
+                    m.n
+                );
+            }
+            let delays = a
+                .link_peers
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| *k != i && m.at(i, *k) > 0.0)
+                .map(|(k, addr)| (*addr, Duration::from_secs_f64(m.at(i, k) / 2000.0)))
+                .collect();
+            Some(Arc::new(LinkEmulator::with_delays(delays)))
+        }
+        _ => None,
+    };
+    let cfg = AgentConfig {
+        node,
+        datacenter: a.datacenter.clone(),
+        bind: SocketAddr::new(bind_ip, a.serf_lan_port),
+        advertise: Some(SocketAddr::new(advertise_ip, a.serf_lan_port))
+            .filter(|_| !bind_ip.is_unspecified() || a.advertise.is_some()),
+        http: SocketAddr::new(a.client, a.http_port),
+        join: parse_addrs(&a.join, 8301)?,
+        retry_join: parse_addrs(&a.retry_join, 8301)?,
+        probe_interval,
+        cluster_size: 16,
+        seed: std::process::id() as u64,
+        link,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let agent = Agent::start(cfg).await?;
+        eprintln!(
+            "tomo agent {}: gossip on {}, HTTP on http://{} (log level {})",
+            agent.shared.node, agent.gossip_addr, agent.http_addr, a.log_level
+        );
+        wait_for_signal().await;
+        eprintln!("tomo agent: leaving");
+        agent.shutdown().await;
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "tomo".into())
+}
+
+/// Starts N agents in this process with emulated links and prints a live
+/// convergence table.
+pub fn demo(a: DemoArgs) -> Result<()> {
+    let m = load_matrix(&a.dataset)?;
+    let n = a.nodes.unwrap_or(m.n.min(50));
+    if n < 2 || n > m.n {
+        bail!("--nodes must be between 2 and the dataset's {} nodes", m.n);
+    }
+    let probe_interval = parse_duration(&a.probe_interval)?;
+    let stop = a.duration.as_deref().map(parse_duration).transpose()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let links: Vec<Arc<LinkEmulator>> =
+            (0..n).map(|_| Arc::new(LinkEmulator::default())).collect();
+        let mut agents = Vec::with_capacity(n);
+        for (i, link) in links.iter().enumerate() {
+            let mut cfg = AgentConfig::dev(&format!("node-{i}"));
+            if let Some(base) = a.http_port_base {
+                cfg.http.set_port(
+                    base.checked_add(i as u16)
+                        .ok_or_else(|| anyhow!("--http-port-base too high"))?,
+                );
+            }
+            cfg.probe_interval = probe_interval;
+            cfg.cluster_size = n as u32;
+            cfg.seed = i as u64 + 1;
+            cfg.link = Some(link.clone());
+            agents.push(Agent::start(cfg).await?);
+        }
+        for (i, link) in links.iter().enumerate() {
+            for (k, other) in agents.iter().enumerate() {
+                if k != i && m.at(i, k) > 0.0 {
+                    link.set_delay(
+                        other.gossip_addr,
+                        Duration::from_secs_f64(m.at(i, k) / 2000.0),
+                    );
+                }
+            }
+        }
+        let seed = agents[0].gossip_addr;
+        for ag in &agents[1..] {
+            ag.shared.join(seed).await?;
+        }
+        println!(
+            "{n} agents (one-way link delay = RTT / 2 from {}):",
+            a.dataset.display()
+        );
+        for ag in &agents {
+            println!(
+                "  {}  http://{}  gossip {}",
+                ag.shared.node, ag.http_addr, ag.gossip_addr
+            );
+        }
+        println!(
+            "try: curl -s http://{}/v1/coordinate/nodes?pretty",
+            agents[0].http_addr
+        );
+        println!(
+            "{:>7}  {:>8}  {:>14}  {:>14}",
+            "time", "members", "median rel err", "p90 rel err"
+        );
+        let start = Instant::now();
+        loop {
+            let sleep = tokio::time::sleep(Duration::from_secs(a.every.max(1)));
+            tokio::select! {
+                _ = sleep => {}
+                _ = tokio::signal::ctrl_c() => break,
+            }
+            let (members, med, p90) = demo_figures(&agents, &m);
+            println!(
+                "{:>6.0}s  {:>8}  {:>14.4}  {:>14.4}",
+                start.elapsed().as_secs_f64(),
+                members,
+                med,
+                p90
+            );
+            if stop.is_some_and(|d| start.elapsed() >= d) {
+                break;
+            }
+        }
+        for ag in agents {
+            ag.shutdown().await;
+        }
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+/// Smallest member count any agent sees (itself included) and the
+/// relative error of estimates between agents' published coordinates.
+fn demo_figures(agents: &[Agent], m: &Matrix) -> (usize, f64, f64) {
+    let coords: Vec<Coordinate> = agents
+        .iter()
+        .map(|a| {
+            a.shared
+                .gossip
+                .lock()
+                .expect("not poisoned")
+                .engine()
+                .published()
+                .clone()
+        })
+        .collect();
+    let members = agents
+        .iter()
+        .map(|a| {
+            a.shared
+                .gossip
+                .lock()
+                .expect("not poisoned")
+                .members()
+                .count()
+                + 1
+        })
+        .min()
+        .unwrap_or(0);
+    let mut errs = Vec::new();
+    for i in 0..coords.len() {
+        for j in i + 1..coords.len() {
+            let act = m.at(i, j);
+            if act > 0.0 {
+                errs.push((coords[i].distance_to(&coords[j]) * 1000.0 - act).abs() / act);
+            }
+        }
+    }
+    errs.sort_by(f64::total_cmp);
+    let q = |p: f64| crate::stats::quantile_sorted(&errs, p);
+    (members, q(0.5), q(0.9))
+}
+
+/// A minimal HTTP/1.1 GET against the agent: (status, body).
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let addr = addr.trim_start_matches("http://");
+    let mut s =
+        TcpStream::connect(addr).with_context(|| format!("cannot reach the agent at {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP reply"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("malformed HTTP status line"))?;
+    Ok((status, body.to_string()))
+}
+
+fn get_json(c: &ClientArgs, path: &str) -> Result<Value> {
+    let (status, body) = http_get(&c.http_addr, path)?;
+    if status != 200 {
+        bail!("{path}: HTTP {status}: {}", body.trim());
+    }
+    serde_json::from_str(&body).with_context(|| format!("{path}: not JSON"))
+}
+
+/// `tomo members`: the agent's view of the cluster, like `consul members`.
+pub fn members(c: &ClientArgs) -> Result<()> {
+    let v = get_json(c, "/v1/agent/members")?;
+    println!("{:<20} {:<22} {:<8} DC", "Node", "Address", "Status");
+    for m in v.as_array().into_iter().flatten() {
+        let status = match m["Status"].as_u64() {
+            Some(1) => "alive",
+            Some(2) => "leaving",
+            Some(3) => "left",
+            Some(4) => "failed",
+            _ => "none",
+        };
+        println!(
+            "{:<20} {:<22} {:<8} {}",
+            m["Name"].as_str().unwrap_or(""),
+            format!("{}:{}", m["Addr"].as_str().unwrap_or(""), m["Port"]),
+            status,
+            m["Tags"]["dc"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// `tomo rtt N1 [N2]`: the estimate between two nodes' LAN coordinates,
+/// printed as `consul rtt` does.
+pub fn rtt(c: &ClientArgs, n1: &str, n2: Option<&str>) -> Result<()> {
+    let n2 = match n2 {
+        Some(n) => n.to_string(),
+        None => get_json(c, "/v1/agent/self")?["Config"]["NodeName"]
+            .as_str()
+            .ok_or_else(|| anyhow!("agent/self has no Config.NodeName"))?
+            .to_string(),
+    };
+    let table = get_json(c, "/v1/coordinate/nodes")?;
+    let find = |name: &str| -> Result<Coordinate> {
+        let e = table
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| {
+                e["Node"]
+                    .as_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
+            })
+            .ok_or_else(|| anyhow!("could not find a coordinate for node {name:?}"))?;
+        Ok(serde_json::from_value(e["Coord"].clone())?)
+    };
+    let (a, b) = (find(n1)?, find(&n2)?);
+    if a.vec.len() != b.vec.len() {
+        bail!("coordinates of {n1} and {n2} have different dimensions");
+    }
+    println!(
+        "Estimated {n1} <-> {n2} rtt: {:.3} ms (using LAN coordinates)",
+        a.distance_to(&b) * 1000.0
+    );
+    Ok(())
+}
+
+/// `tomo info`: the agent's self description.
+pub fn info(c: &ClientArgs) -> Result<()> {
+    let v = get_json(c, "/v1/agent/self")?;
+    let mut keys: HashMap<&str, String> = HashMap::new();
+    keys.insert(
+        "node",
+        v["Config"]["NodeName"].as_str().unwrap_or("").into(),
+    );
+    keys.insert(
+        "datacenter",
+        v["Config"]["Datacenter"].as_str().unwrap_or("").into(),
+    );
+    keys.insert(
+        "version",
+        v["Config"]["Version"].as_str().unwrap_or("").into(),
+    );
+    println!("agent:");
+    for k in ["node", "datacenter", "version"] {
+        println!("\t{k} = {}", keys[k]);
+    }
+    println!("coordinate:");
+    println!("\t{}", v["Coord"]);
+    Ok(())
+}
