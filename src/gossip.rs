@@ -20,8 +20,8 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use foca::{
-    Config as FocaConfig, Foca, Identity, Message, NoCustomBroadcast, Notification, PostcardCodec,
-    Runtime, Timer,
+    BroadcastHandler, Config as FocaConfig, Foca, Identity, Invalidates, Message, Notification,
+    PostcardCodec, Runtime, Timer,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -271,7 +271,12 @@ pub struct TableEntry {
 /// One node's gossip state: membership, the coordinate engine and the
 /// table of every member's coordinate.
 pub struct Gossip {
-    foca: Foca<Id, PostcardCodec, ChaCha8Rng, NoCustomBroadcast>,
+    foca: Foca<Id, PostcardCodec, ChaCha8Rng, CoordinateBroadcasts>,
+    /// Coordinates that arrived in other members' broadcasts, not yet in
+    /// the table (shared with the broadcast handler foca owns).
+    inbox: Inbox,
+    /// Our last broadcast: when, its version and the coordinate.
+    last_broadcast: Option<(Duration, Coordinate)>,
     engine: Node<String>,
     /// Pings sent and not yet acked: (target address, probe number) → when.
     pending: HashMap<(SocketAddr, u8), Duration>,
@@ -334,16 +339,136 @@ impl Runtime<Id> for Collect {
     }
 }
 
+/// A member re-broadcasts its coordinate at least this often.
+const BROADCAST_REFRESH: Duration = Duration::from_secs(60);
+/// …or as soon as it moved by this fraction of its distance from the
+/// origin (at least 0.5 ms): "significant change" for consumers.
+const BROADCAST_MOVE: f64 = 0.05;
+
+/// Coordinates received in broadcasts, handed from foca's handler to the
+/// table.
+#[derive(Clone, Default)]
+struct Inbox(std::sync::Arc<std::sync::Mutex<Vec<(String, Coordinate)>>>);
+
+/// foca's custom-broadcast handler for coordinates: items are
+/// `[name len u16][name][version u64][dim u8][dim + 3 f64]`; a newer
+/// version of a member's coordinate replaces (and stops the dissemination
+/// of) an older one.
+struct CoordinateBroadcasts {
+    versions: HashMap<String, u64>,
+    inbox: Inbox,
+    dimensionality: usize,
+}
+
+/// The dissemination key of a coordinate broadcast.
+struct BroadcastKey {
+    name: String,
+    version: u64,
+}
+
+impl Invalidates for BroadcastKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.name == other.name && self.version >= other.version
+    }
+}
+
+/// Encodes a coordinate broadcast item.
+fn encode_broadcast(name: &str, version: u64, c: &Coordinate) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + name.len() + 8 + 1 + 8 * (c.vec.len() + 3));
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
+    out.push(c.vec.len() as u8);
+    for v in c.vec.iter().chain([&c.error, &c.adjustment, &c.height]) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a coordinate broadcast item (never panics).
+fn decode_broadcast(data: &[u8]) -> Result<(String, u64, Coordinate), GossipError> {
+    let take = |d: &mut &[u8], n: usize| -> Result<Vec<u8>, GossipError> {
+        if d.len() < n {
+            return Err(GossipError::Truncated);
+        }
+        let (a, b) = d.split_at(n);
+        *d = b;
+        Ok(a.to_vec())
+    };
+    let mut d = data;
+    let len = u16::from_le_bytes(take(&mut d, 2)?.try_into().expect("2 bytes")) as usize;
+    let name = String::from_utf8(take(&mut d, len)?).map_err(|_| GossipError::Truncated)?;
+    let version = u64::from_le_bytes(take(&mut d, 8)?.try_into().expect("8 bytes"));
+    let dim = take(&mut d, 1)?[0] as usize;
+    if dim == 0 || dim > MAX_DIMENSIONS {
+        return Err(GossipError::BadCoordinate);
+    }
+    let raw = take(&mut d, 8 * (dim + 3))?;
+    let f = |k: usize| f64::from_le_bytes(raw[8 * k..8 * k + 8].try_into().expect("8 bytes"));
+    let c = Coordinate {
+        vec: (0..dim).map(f).collect(),
+        error: f(dim),
+        adjustment: f(dim + 1),
+        height: f(dim + 2),
+    };
+    if !c.is_valid() || c.height < 0.0 || c.error < 0.0 {
+        return Err(GossipError::BadCoordinate);
+    }
+    Ok((name, version, c))
+}
+
+impl BroadcastHandler<Id> for CoordinateBroadcasts {
+    type Key = BroadcastKey;
+    type Error = GossipError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&Id>,
+    ) -> Result<Option<BroadcastKey>, GossipError> {
+        let (name, version, c) = decode_broadcast(data)?;
+        if c.vec.len() != self.dimensionality {
+            return Err(GossipError::BadCoordinate);
+        }
+        let known = self.versions.get(&name).copied().unwrap_or(0);
+        if version <= known {
+            // Already seen: do not disseminate again.
+            return Ok(None);
+        }
+        self.versions.insert(name.clone(), version);
+        self.inbox
+            .0
+            .lock()
+            .expect("not poisoned")
+            .push((name.clone(), c));
+        Ok(Some(BroadcastKey { name, version }))
+    }
+}
+
 /// Pings older than this are forgotten (their ack is not coming).
 const PENDING_TTL: Duration = Duration::from_secs(30);
 
 impl Gossip {
     /// A node with identity `id`, seeded randomness and configuration.
     pub fn new(id: Id, cfg: GossipConfig, seed: u64) -> Result<Self, GossipError> {
-        let foca = Foca::new(id, cfg.foca, ChaCha8Rng::seed_from_u64(seed), PostcardCodec);
+        let inbox = Inbox::default();
+        let handler = CoordinateBroadcasts {
+            versions: HashMap::new(),
+            inbox: inbox.clone(),
+            dimensionality: cfg.engine.dimensionality,
+        };
+        let foca = Foca::with_custom_broadcast(
+            id,
+            cfg.foca,
+            ChaCha8Rng::seed_from_u64(seed),
+            PostcardCodec,
+            handler,
+        );
         let engine = Node::new(cfg.engine).map_err(|e| GossipError::Membership(e.to_string()))?;
         Ok(Gossip {
             foca,
+            inbox,
+            last_broadcast: None,
             engine,
             pending: HashMap::new(),
             table: HashMap::new(),
@@ -468,14 +593,53 @@ impl Gossip {
             }
         }
         let me = self.foca.identity().name.clone();
+        let ours = self.engine.published().clone();
         self.table.insert(
-            me,
+            me.clone(),
             TableEntry {
-                coordinate: self.engine.published().clone(),
+                coordinate: ours.clone(),
                 updated: now,
             },
         );
+        // Coordinates other members broadcast (only members we know of:
+        // a stale broadcast must not resurrect a departed node's entry).
+        let arrived = std::mem::take(&mut *self.inbox.0.lock().expect("not poisoned"));
+        for (name, c) in arrived {
+            if name != me && self.foca.iter_members().any(|m| m.id().name == name) {
+                self.table.insert(
+                    name,
+                    TableEntry {
+                        coordinate: c,
+                        updated: now,
+                    },
+                );
+            }
+        }
+        self.maybe_broadcast(now, &me, ours);
         std::mem::take(&mut rt.out)
+    }
+
+    /// Publishes our coordinate to the cluster (piggybacked on foca's
+    /// messages) when it has moved significantly since the last broadcast,
+    /// or at least every [`BROADCAST_REFRESH`].
+    fn maybe_broadcast(&mut self, now: Duration, me: &str, ours: Coordinate) {
+        let due = match &self.last_broadcast {
+            None => true,
+            Some((at, last)) => {
+                let moved = last.distance_to(&ours);
+                let scale = last.vec.iter().map(|v| v * v).sum::<f64>().sqrt() + last.height;
+                now.saturating_sub(*at) >= BROADCAST_REFRESH
+                    || moved > (BROADCAST_MOVE * scale).max(0.5e-3)
+            }
+        };
+        if !due {
+            return;
+        }
+        let version = now.as_micros() as u64 + 1;
+        let item = encode_broadcast(me, version, &ours);
+        if self.foca.add_broadcast(&item).is_ok() {
+            self.last_broadcast = Some((now, ours));
+        }
     }
 
     /// Introduces this node to `seed` (join).
@@ -617,6 +781,48 @@ mod tests {
         assert_eq!(
             decode(&vec![1u8; MAX_DATAGRAM + 1]),
             Err(GossipError::Oversized(MAX_DATAGRAM + 1))
+        );
+    }
+
+    #[test]
+    fn coordinate_broadcasts_round_trip_and_newer_versions_win() {
+        let item = encode_broadcast("node-7", 42, &coord());
+        assert_eq!(
+            decode_broadcast(&item).unwrap(),
+            ("node-7".to_string(), 42, coord())
+        );
+        for cut in 0..item.len() {
+            assert!(decode_broadcast(&item[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut h = CoordinateBroadcasts {
+            versions: HashMap::new(),
+            inbox: Inbox::default(),
+            dimensionality: 8,
+        };
+        assert!(h.receive_item(&item, None).unwrap().is_some());
+        // The same or an older version is not disseminated again.
+        assert!(h.receive_item(&item, None).unwrap().is_none());
+        assert!(
+            h.receive_item(&encode_broadcast("node-7", 41, &coord()), None)
+                .unwrap()
+                .is_none()
+        );
+        let newer = h
+            .receive_item(&encode_broadcast("node-7", 43, &coord()), None)
+            .unwrap()
+            .unwrap();
+        let older = BroadcastKey {
+            name: "node-7".into(),
+            version: 42,
+        };
+        assert!(newer.invalidates(&older));
+        assert!(!older.invalidates(&newer));
+        assert_eq!(h.inbox.0.lock().unwrap().len(), 2);
+        let mut wrong = coord();
+        wrong.vec.pop();
+        assert!(
+            h.receive_item(&encode_broadcast("x", 1, &wrong), None)
+                .is_err()
         );
     }
 
