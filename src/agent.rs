@@ -322,10 +322,19 @@ async fn drive(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             r = sock.recv_from(&mut buf) => {
-                let Ok((n, from)) = r else { continue };
-                                let outs = shared.gossip.lock().expect("not poisoned").handle_datagram(since(), from, &buf[..n]);
+                                let Ok((n, from)) = r else { continue };
+                let received = Instant::now();
+                let mut outs = shared.gossip.lock().expect("not poisoned").handle_datagram(since(), from, &buf[..n]);
                 // Coordinates refresh with every datagram: a new table index.
                 shared.index.fetch_add(1, Ordering::Relaxed);
+                // Replies carry how long we held the request, which the
+                // prober subtracts from its RTT sample.
+                let held = received.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                for o in &mut outs {
+                    if let Output::Send { bytes, .. } = o {
+                        crate::gossip::set_hold(bytes, held);
+                    }
+                }
                 apply(&sock, &shared, &cfg, &mut timers, outs);
             }
             _ = tokio::time::sleep_until(next.into()) => {

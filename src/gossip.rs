@@ -123,6 +123,31 @@ pub fn encode(env: &Envelope, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Rewrites the hold time of an encoded datagram in place (the driver knows
+/// how long it really held the datagram it answers: the time between
+/// reading the request and sending the reply). Returns false if `bytes`
+/// is not an envelope.
+pub fn set_hold(bytes: &mut [u8], hold_us: u32) -> bool {
+    let [version, flags, dim, ..] = *bytes else {
+        return false;
+    };
+    if version != ENVELOPE_VERSION {
+        return false;
+    }
+    let at = 3 + if flags & FLAG_COORDINATE != 0 {
+        8 * (dim as usize + 3)
+    } else {
+        0
+    };
+    match bytes.get_mut(at..at + 4) {
+        Some(slot) => {
+            slot.copy_from_slice(&hold_us.to_le_bytes());
+            true
+        }
+        None => false,
+    }
+}
+
 /// Decodes a datagram into its envelope and foca payload. Never panics;
 /// every malformed input is an error.
 pub fn decode(bytes: &[u8]) -> Result<(Envelope, &[u8]), GossipError> {
@@ -756,6 +781,20 @@ mod tests {
             assert_eq!(back, env);
             assert_eq!(payload, b"payload");
         }
+    }
+
+    #[test]
+    fn hold_time_can_be_set_after_encoding() {
+        let env = Envelope {
+            coordinate: Some(coord()),
+            hold_us: 0,
+        };
+        let mut bytes = encode(&env, b"p");
+        assert!(set_hold(&mut bytes, 777));
+        let (back, payload) = decode(&bytes).unwrap();
+        assert_eq!(back.hold_us, 777);
+        assert_eq!(payload, b"p");
+        assert!(!set_hold(&mut [9u8, 0, 0], 1));
     }
 
     #[test]
