@@ -19,6 +19,10 @@ use serde_json::{Value, json};
 mod agent_cmd;
 
 use crate::dataset::{self, Format, GeoOptions, Matrix, Series, Synthetic};
+use crate::sim::gossip::{
+    GossipSim, GossipSimConfig, Membership, Partition, parse_duration, parse_node_at,
+    parse_node_delay,
+};
 use crate::sim::{
     Evaluation, JitterMode, NodeScore, PairScore, Select, SeriesTail, SimConfig, Simulation,
     TailEvaluation, TailPair,
@@ -204,6 +208,40 @@ struct SimArgs {
     /// Labels (`*.nodes.csv` with a dc/region/continent column); default: the dataset's sibling if present.
     #[arg(long)]
     labels: Option<PathBuf>,
+    /// rounds: the round-based engine simulator | gossip: the real SWIM gossip nodes
+    /// (foca + engine) on a discrete-event network with one-way delay = RTT/2.
+    #[arg(long, default_value = "rounds")]
+    protocol: String,
+    /// gossip: simulated time, e.g. 600s, 30m, 1h [default: --rounds probe intervals].
+    #[arg(long)]
+    duration: Option<String>,
+    /// gossip: foca's probe period; probe timeout = half, suspicion and gossip periods
+    /// scale with it [default: 1s].
+    #[arg(long)]
+    probe_interval: Option<String>,
+    /// gossip: probability that a datagram is lost [default: 0].
+    #[arg(long)]
+    loss: Option<f64>,
+    /// gossip: NODE:DELAY, add DELAY to every datagram NODE sends (repeatable).
+    #[arg(long, value_name = "NODE:DELAY")]
+    slow: Vec<String>,
+    /// gossip: NODE@TIME, stop NODE at TIME, e.g. `--kill 3@10m` (repeatable).
+    #[arg(long, value_name = "NODE@TIME")]
+    kill: Vec<String>,
+    /// gossip: NODE@TIME, restart a killed NODE under a renewed identity (repeatable).
+    #[arg(long, value_name = "NODE@TIME")]
+    restart: Vec<String>,
+    /// gossip: SIDE@START..END, cut nodes [0, SIDE·n) off from the others, SIDE = `half` or a
+    /// fraction, e.g. `--partition half@5m..8m` (repeatable, non-overlapping).
+    #[arg(long, value_name = "SIDE@START..END")]
+    partition: Vec<String>,
+    /// gossip: node i announces to node 0 at WINDOW·i/n [default: 1s].
+    #[arg(long)]
+    join_window: Option<String>,
+    /// gossip: sample every node's membership for false suspicions this often, `off` to skip
+    /// [default: every probe interval up to 1,000 nodes, (n/1000)² intervals above].
+    #[arg(long)]
+    suspicion_sample: Option<String>,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -472,13 +510,172 @@ struct Output {
     convergence: Vec<[f64; 2]>,
 }
 
-fn sim_config(a: &SimArgs) -> Result<SimConfig> {
+/// What `tomo sim --protocol gossip` prints for one run.
+#[derive(Serialize)]
+struct GossipOutput {
+    harness: &'static str,
+    protocol: &'static str,
+    params: Value,
+    result: Evaluation,
+    membership: Membership,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    convergence: Vec<[f64; 2]>,
+}
+
+/// One run's output line, either protocol.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum RunOutput {
+    Rounds(Box<Output>),
+    Gossip(Box<GossipOutput>),
+}
+
+/// One run's configuration, either protocol.
+#[derive(Clone)]
+enum RunConfig {
+    Rounds(SimConfig),
+    Gossip(GossipSimConfig),
+}
+
+/// The `--flag` names of gossip-only options given on the command line.
+fn gossip_flags_given(a: &SimArgs) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    for (given, name) in [
+        (a.duration.is_some(), "--duration"),
+        (a.probe_interval.is_some(), "--probe-interval"),
+        (a.loss.is_some(), "--loss"),
+        (!a.slow.is_empty(), "--slow"),
+        (!a.kill.is_empty(), "--kill"),
+        (!a.restart.is_empty(), "--restart"),
+        (!a.partition.is_empty(), "--partition"),
+        (a.join_window.is_some(), "--join-window"),
+        (a.suspicion_sample.is_some(), "--suspicion-sample"),
+    ] {
+        if given {
+            v.push(name);
+        }
+    }
+    v
+}
+
+fn engine_config(a: &SimArgs) -> Result<vivaldi::Config> {
     let profile: Profile = a.profile.parse()?;
     let mut engine = vivaldi::Config::for_profile(profile);
     if let Some(d) = a.dim {
         engine.dimensionality = d;
     }
     apply_sets(&mut engine, &a.set)?;
+    Ok(engine)
+}
+
+fn sim_config(a: &SimArgs) -> Result<RunConfig> {
+    match a.protocol.as_str() {
+        "rounds" => {
+            if let Some(f) = gossip_flags_given(a).first() {
+                bail!("{f} needs --protocol gossip");
+            }
+            Ok(RunConfig::Rounds(rounds_config(a)?))
+        }
+        "gossip" => Ok(RunConfig::Gossip(gossip_config(a)?)),
+        p => bail!("unknown --protocol {p:?} (rounds|gossip)"),
+    }
+}
+
+/// Parses a duration flag, naming the flag in the error.
+fn duration_arg(flag: &str, s: &str) -> Result<std::time::Duration> {
+    parse_duration(s).with_context(|| format!("--{flag}"))
+}
+
+fn gossip_config(a: &SimArgs) -> Result<GossipSimConfig> {
+    let engine = engine_config(a)?;
+    let jitter_mode: JitterMode = a.jitter_mode.parse()?;
+    if a.k != 1 {
+        bail!("--k is for --protocol rounds: a gossip node probes one member per probe interval");
+    }
+    if a.select != "random" {
+        bail!("--select is for --protocol rounds: foca picks the members it probes");
+    }
+    if a.holdout.is_some_and(|h| h != 0.0) {
+        bail!("--holdout is for --protocol rounds: foca probes every member");
+    }
+    if !a.tail_set.is_empty() {
+        bail!("--tail-set is for --protocol rounds (gossip nodes keep no p50/p99 layer yet)");
+    }
+    if a.out.is_some() {
+        bail!("--out is not supported with --protocol gossip yet");
+    }
+    if a.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let probe_interval = match &a.probe_interval {
+        Some(s) => duration_arg("probe-interval", s)?,
+        None => std::time::Duration::from_secs(1),
+    };
+    if probe_interval < std::time::Duration::from_millis(1) {
+        bail!("--probe-interval must be at least 1ms");
+    }
+    let duration = match &a.duration {
+        Some(s) => duration_arg("duration", s)?,
+        None => probe_interval * a.rounds as u32,
+    };
+    if duration.is_zero() {
+        bail!("--duration must be positive");
+    }
+    let loss = a.loss.unwrap_or(0.0);
+    if !(0.0..1.0).contains(&loss) {
+        bail!("--loss must be in [0, 1), got {loss}");
+    }
+    if !(a.jitter.is_finite() && a.jitter >= 0.0) {
+        bail!("--jitter must be finite and >= 0");
+    }
+    let slow = a
+        .slow
+        .iter()
+        .map(|s| parse_node_delay(s).with_context(|| "--slow"))
+        .collect::<Result<Vec<_>>>()?;
+    let kills = a
+        .kill
+        .iter()
+        .map(|s| parse_node_at(s).with_context(|| "--kill"))
+        .collect::<Result<Vec<_>>>()?;
+    let restarts = a
+        .restart
+        .iter()
+        .map(|s| parse_node_at(s).with_context(|| "--restart"))
+        .collect::<Result<Vec<_>>>()?;
+    let partitions = a
+        .partition
+        .iter()
+        .map(|s| s.parse::<Partition>().with_context(|| "--partition"))
+        .collect::<Result<Vec<_>>>()?;
+    let join_window = match &a.join_window {
+        Some(s) => duration_arg("join-window", s)?,
+        None => std::time::Duration::from_secs(1),
+    };
+    Ok(GossipSimConfig {
+        duration,
+        probe_interval,
+        loss,
+        jitter: a.jitter,
+        jitter_mode,
+        slow,
+        kills,
+        restarts,
+        partitions,
+        seed: a.seed,
+        engine,
+        join_window,
+        eval_every: probe_interval * a.eval_every as u32,
+        suspicion_sample: match a.suspicion_sample.as_deref() {
+            None => None,
+            Some("off") => Some(std::time::Duration::ZERO),
+            Some(s) => Some(duration_arg("suspicion-sample", s)?),
+        },
+    })
+}
+
+fn rounds_config(a: &SimArgs) -> Result<SimConfig> {
+    let engine = engine_config(a)?;
     let select: Select = a.select.parse()?;
     let jitter_mode: JitterMode = a.jitter_mode.parse()?;
     if a.rounds == 0 {
@@ -517,27 +714,106 @@ fn sim_config(a: &SimArgs) -> Result<SimConfig> {
     })
 }
 
-fn progress_bar(len: u64, show: bool) -> ProgressBar {
+fn progress_bar(len: u64, show: bool, unit: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     if !show || !std::io::stderr().is_terminal() || std::env::var_os("CI").is_some() {
         pb.set_draw_target(ProgressDrawTarget::hidden());
     }
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} rounds ({eta} left)")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(&format!(
+            "{{msg}} [{{bar:40}}] {{pos}}/{{len}} {unit} ({{eta}} left)"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb
 }
 
-/// Runs one simulation and returns its output.
-fn run_one(input: &Input, a: &SimArgs, cfg: SimConfig, show_progress: bool) -> Result<Output> {
+/// Runs one simulation (either protocol) and returns its output line.
+fn run_one(input: &Input, a: &SimArgs, cfg: RunConfig, show_progress: bool) -> Result<RunOutput> {
+    Ok(match cfg {
+        RunConfig::Rounds(c) => {
+            RunOutput::Rounds(Box::new(run_rounds(input, a, c, show_progress)?))
+        }
+        RunConfig::Gossip(c) => RunOutput::Gossip(Box::new(run_gossip(input, c, show_progress)?)),
+    })
+}
+
+/// Runs the gossip nodes on the discrete-event network.
+fn run_gossip(input: &Input, cfg: GossipSimConfig, show_progress: bool) -> Result<GossipOutput> {
+    let mut params = input.params.clone();
+    let n = input.matrix.n;
+    let t0 = Instant::now();
+    let mut sim = GossipSim::new(&input.matrix, input.series.as_ref(), cfg.clone())?;
+    let secs = cfg.duration.as_secs_f64().ceil() as u64;
+    let pb = progress_bar(
+        secs,
+        show_progress && n as u64 * secs >= 200_000,
+        "simulated s",
+    );
+    pb.set_message(format!("gossip n={n}"));
+    sim.run(|t| pb.set_position(t.as_secs()));
+    pb.finish_and_clear();
+    let wall = t0.elapsed().as_secs_f64();
+    let result = sim.evaluate();
+    let membership = sim.membership();
+    let secs_of = |d: std::time::Duration| d.as_secs_f64();
+    let p = params.as_object_mut().expect("object");
+    p.insert("protocol".into(), json!("gossip"));
+    p.insert("duration_s".into(), json!(secs_of(cfg.duration)));
+    p.insert(
+        "probe_interval_s".into(),
+        json!(secs_of(cfg.probe_interval)),
+    );
+    p.insert(
+        "probe_periods".into(),
+        json!(cfg.duration.as_secs_f64() / cfg.probe_interval.as_secs_f64()),
+    );
+    p.insert("loss".into(), json!(cfg.loss));
+    p.insert("jitter".into(), json!(cfg.jitter));
+    p.insert("jitter_mode".into(), json!(cfg.jitter_mode));
+    let node_times = |v: &[(usize, std::time::Duration)], key: &str| -> Value {
+        v.iter()
+            .map(|&(node, t)| json!({"node": node, key: secs_of(t)}))
+            .collect()
+    };
+    p.insert("slow".into(), node_times(&cfg.slow, "extra_s"));
+    p.insert("kills".into(), node_times(&cfg.kills, "at_s"));
+    p.insert("restarts".into(), node_times(&cfg.restarts, "at_s"));
+    p.insert("partitions".into(), serde_json::to_value(&cfg.partitions)?);
+    p.insert("join_window_s".into(), json!(secs_of(cfg.join_window)));
+    p.insert("seed".into(), json!(cfg.seed));
+    p.insert("dimensionality".into(), json!(cfg.engine.dimensionality));
+    p.insert("profile".into(), json!(cfg.engine.profile));
+    p.insert("engine_config".into(), serde_json::to_value(&cfg.engine)?);
+    p.insert(
+        "foca_config".into(),
+        serde_json::to_value(&sim.node_config().foca)?,
+    );
+    if input.series.is_some() {
+        p.insert("observe_slice_s".into(), json!(secs_of(cfg.probe_interval)));
+    }
+    p.insert("sim_wall_s".into(), json!(wall));
+    p.insert("tomo_version".into(), json!(env!("CARGO_PKG_VERSION")));
+    Ok(GossipOutput {
+        harness: "tomo",
+        protocol: "gossip",
+        params,
+        result,
+        membership,
+        convergence: sim.convergence().to_vec(),
+    })
+}
+
+/// Runs the round-based simulator.
+fn run_rounds(input: &Input, a: &SimArgs, cfg: SimConfig, show_progress: bool) -> Result<Output> {
     let mut params = input.params.clone();
     let t0 = Instant::now();
     let mut sim = Simulation::new(&input.matrix, input.series.as_ref(), cfg.clone())?;
     let pb = progress_bar(
         cfg.rounds as u64,
         show_progress && input.matrix.n * cfg.rounds >= 200_000,
+        "rounds",
     );
     pb.set_message(format!("{} n={}", cfg.engine.profile, input.matrix.n));
     sim.run(|r| pb.set_position(r as u64));
@@ -741,6 +1017,10 @@ fn expand_sweep(a: &SimArgs) -> Result<Vec<SimArgs>> {
                     "jitter" => x.jitter = v.parse()?,
                     "select" => x.select = v.clone(),
                     "holdout" => x.holdout = Some(v.parse()?),
+                    "protocol" => x.protocol = v.clone(),
+                    "loss" => x.loss = Some(v.parse()?),
+                    "duration" => x.duration = Some(v.clone()),
+                    "probe_interval" | "probe-interval" => x.probe_interval = Some(v.clone()),
                     engine => x.set.push(format!("{engine}={v}")),
                 }
                 x.out = r.out.as_ref().map(|o| o.join(format!("{k}={v}")));
@@ -780,7 +1060,7 @@ fn sim_cmd(a: SimArgs) -> Result<()> {
     }
     // Each run is single-threaded and seeded, so the figures do not depend on
     // the thread count; only the throughput figures do.
-    let outs: Vec<Result<Output>> = pool.install(|| {
+    let outs: Vec<Result<RunOutput>> = pool.install(|| {
         runs.par_iter()
             .zip(cfgs)
             .map(|(r, c)| {
