@@ -671,7 +671,7 @@ impl Gossip {
     pub fn announce(&mut self, now: Duration, seed: SocketAddr) -> Vec<Output> {
         let mut rt = self.collect(now);
         // The seed's name is unknown until it answers; foca keys members by
-        // address, so a placeholder identity with its address suffices.
+        // address, so an identity carrying only its address is enough.
         let target = Id {
             name: String::new(),
             addr: seed,
