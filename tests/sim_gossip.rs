@@ -154,7 +154,8 @@ fn slow_node_restart_and_partition_heal() {
     // suspects others (its pings leave after its own timeout), but its
     // refutations arrive within the suspicion timeout.
     assert!(num(m, "false_suspicions_of_slow_nodes") > 0.0, "{m}");
-    assert!(num(m, "false_suspicions_by_slow_nodes") > 0.0, "{m}");
+    assert!(num(m, "false_suspicion_pairs_by_slow_nodes") > 0.0, "{m}");
+    assert!(num(m, "false_suspicion_pairs") >= num(m, "false_suspicions"));
 }
 
 #[test]

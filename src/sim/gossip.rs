@@ -35,9 +35,11 @@
 //!   runs from a partition's start until the cluster has healed after it
 //!   (deaths in it are counted as `partition_deaths`);
 //! - **false suspicions**: foca does not notify suspicion, so every node's
-//!   membership is sampled periodically and each (observer, member) pair
-//!   newly holding a live member of its current life `Suspect` outside a
-//!   partition window counts as one episode;
+//!   membership is sampled periodically; a live member (in its current
+//!   life, outside partition windows) held `Suspect` by some node at a
+//!   sample and by none at the previous one is one false suspicion, and
+//!   each (observer, member) pair newly holding it is one suspicion pair
+//!   (a suspicion reaches most of the cluster before it is refuted);
 //! - **heal time** of a partition: from its end until every live node sees
 //!   every live node up;
 //! - **bytes per second per node**: bytes sent (`GossipStats::bytes_out`,
@@ -359,6 +361,11 @@ pub struct DeathExample {
     pub observer: usize,
     /// The node declared down.
     pub member: usize,
+    /// The identity's rejoin counter.
+    pub bump: u16,
+    /// The member's rejoin counter at the time (greater: the identity
+    /// declared down had already been superseded).
+    pub current_bump: u16,
 }
 
 /// Membership figures of a gossip-driven run.
@@ -392,21 +399,30 @@ pub struct Membership {
     pub detection_s_max: Option<f64>,
     /// `MemberDown` events about live nodes outside partition windows.
     pub false_deaths: u64,
+    /// Of those, about an identity the member had already replaced by a
+    /// rejoin (the member's own announcement that its old identity is down,
+    /// reaching an observer before the new identity does).
+    pub false_deaths_of_superseded_identities: u64,
     /// The first few of them.
     pub false_death_examples: Vec<DeathExample>,
     /// `MemberDown` events about live nodes inside partition windows.
     pub partition_deaths: u64,
-    /// Times a node learnt it had been declared down and rejoined.
+    /// Times a node was told it had been declared down and rejoined under
+    /// a renewed identity (foca 2.0 also tells a member whose suspicion was
+    /// refuted, when the suspicion timer fires).
     pub rejoins: u64,
-    /// (observer, member) pairs newly seen `Suspect` at a sample, the member
-    /// alive in its current life, outside partition windows (`null`:
-    /// sampling off).
+    /// Suspicions of live members (in their current life, outside
+    /// partition windows): a member held `Suspect` by at least one node at
+    /// a sample and by none at the previous one (`null`: sampling off).
     pub false_suspicions: Option<u64>,
-    /// Of those, about slow nodes.
+    /// Of those, of slow nodes.
     pub false_suspicions_of_slow_nodes: Option<u64>,
+    /// (observer, member) pairs newly holding a live member `Suspect` at a
+    /// sample (one suspicion counts once per node it reaches).
+    pub false_suspicion_pairs: Option<u64>,
     /// Of those, held by slow nodes (whose own probes time out before
     /// their pings leave).
-    pub false_suspicions_by_slow_nodes: Option<u64>,
+    pub false_suspicion_pairs_by_slow_nodes: Option<u64>,
     /// (observer, member, sample) triples with a live member `Suspect`.
     pub false_suspicion_samples: Option<u64>,
     /// Membership samples taken.
@@ -543,13 +559,17 @@ pub struct GossipSim<'a> {
     partitions: Vec<PartitionState>,
     active_partition: Option<usize>,
     false_deaths: u64,
+    false_deaths_superseded: u64,
     false_death_examples: Vec<DeathExample>,
     partition_deaths: u64,
     rejoins: u64,
+    /// (observer, member) pairs and members suspected at the last sample.
     suspected: HashSet<(u32, u32)>,
+    suspected_members: HashSet<u32>,
     false_suspicions: u64,
     false_suspicions_slow: u64,
-    false_suspicions_by_slow: u64,
+    false_suspicion_pairs: u64,
+    false_suspicion_pairs_by_slow: u64,
     false_suspicion_samples: u64,
     suspicion_samples: u64,
     suspicion_period: Duration,
@@ -758,13 +778,16 @@ impl<'a> GossipSim<'a> {
                 .collect(),
             active_partition: None,
             false_deaths: 0,
+            false_deaths_superseded: 0,
             false_death_examples: Vec::new(),
             partition_deaths: 0,
             rejoins: 0,
             suspected: HashSet::new(),
+            suspected_members: HashSet::new(),
             false_suspicions: 0,
             false_suspicions_slow: 0,
-            false_suspicions_by_slow: 0,
+            false_suspicion_pairs: 0,
+            false_suspicion_pairs_by_slow: 0,
             false_suspicion_samples: 0,
             suspicion_samples: 0,
             suspicion_period,
@@ -1131,11 +1154,17 @@ impl<'a> GossipSim<'a> {
                         self.partition_deaths += 1;
                     } else {
                         self.false_deaths += 1;
+                        let current_bump = self.nodes[j].identity().bump;
+                        if id.bump != current_bump {
+                            self.false_deaths_superseded += 1;
+                        }
                         if self.false_death_examples.len() < MAX_EXAMPLES {
                             self.false_death_examples.push(DeathExample {
                                 at_s: now.as_secs_f64(),
                                 observer: obs,
                                 member: j,
+                                bump: id.bump,
+                                current_bump,
                             });
                         }
                     }
@@ -1240,9 +1269,11 @@ impl<'a> GossipSim<'a> {
         self.suspicion_samples += 1;
         if self.in_partition_window() {
             self.suspected.clear();
+            self.suspected_members.clear();
             return;
         }
         let mut now_suspected = HashSet::new();
+        let mut now_members = HashSet::new();
         for obs in 0..self.n {
             if !self.alive[obs] {
                 continue;
@@ -1258,19 +1289,24 @@ impl<'a> GossipSim<'a> {
                     self.false_suspicion_samples += 1;
                     let key = (obs as u32, j as u32);
                     if !self.suspected.contains(&key) {
+                        self.false_suspicion_pairs += 1;
+                        if !self.slow[obs].is_zero() {
+                            self.false_suspicion_pairs_by_slow += 1;
+                        }
+                    }
+                    now_suspected.insert(key);
+                    if now_members.insert(j as u32) && !self.suspected_members.contains(&(j as u32))
+                    {
                         self.false_suspicions += 1;
                         if !self.slow[j].is_zero() {
                             self.false_suspicions_slow += 1;
                         }
-                        if !self.slow[obs].is_zero() {
-                            self.false_suspicions_by_slow += 1;
-                        }
                     }
-                    now_suspected.insert(key);
                 }
             }
         }
         self.suspected = now_suspected;
+        self.suspected_members = now_members;
     }
 
     /// Scores the live nodes' published coordinates against the truth
@@ -1430,12 +1466,15 @@ impl<'a> GossipSim<'a> {
             detection_s_p99: opt(q[1]),
             detection_s_max: dmax,
             false_deaths: self.false_deaths,
+            false_deaths_of_superseded_identities: self.false_deaths_superseded,
             false_death_examples: self.false_death_examples.clone(),
             partition_deaths: self.partition_deaths,
             rejoins: self.rejoins,
             false_suspicions: sampled.then_some(self.false_suspicions),
             false_suspicions_of_slow_nodes: sampled.then_some(self.false_suspicions_slow),
-            false_suspicions_by_slow_nodes: sampled.then_some(self.false_suspicions_by_slow),
+            false_suspicion_pairs: sampled.then_some(self.false_suspicion_pairs),
+            false_suspicion_pairs_by_slow_nodes: sampled
+                .then_some(self.false_suspicion_pairs_by_slow),
             false_suspicion_samples: sampled.then_some(self.false_suspicion_samples),
             suspicion_samples: self.suspicion_samples,
             suspicion_sample_period_s: self.suspicion_period.as_secs_f64(),
