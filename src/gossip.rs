@@ -148,6 +148,34 @@ pub fn set_hold(bytes: &mut [u8], hold_us: u32) -> bool {
     }
 }
 
+/// A coordinate's dimension count as it appears on the wire.
+fn check_dim(dim: u8) -> Result<usize, GossipError> {
+    let dim = dim as usize;
+    if dim == 0 || dim > MAX_DIMENSIONS {
+        return Err(GossipError::BadCoordinate);
+    }
+    Ok(dim)
+}
+
+/// Reads `dim + 3` little-endian f64s (vector, error, adjustment, height)
+/// as a coordinate, refusing non-finite or negative error/height values.
+fn read_coordinate(dim: usize, raw: &[u8]) -> Result<Coordinate, GossipError> {
+    if raw.len() != 8 * (dim + 3) {
+        return Err(GossipError::Truncated);
+    }
+    let f = |k: usize| f64::from_le_bytes(raw[8 * k..8 * k + 8].try_into().expect("8 bytes"));
+    let c = Coordinate {
+        vec: (0..dim).map(f).collect(),
+        error: f(dim),
+        adjustment: f(dim + 1),
+        height: f(dim + 2),
+    };
+    if !c.is_valid() || c.height < 0.0 || c.error < 0.0 {
+        return Err(GossipError::BadCoordinate);
+    }
+    Ok(c)
+}
+
 /// Decodes a datagram into its envelope and foca payload. Never panics;
 /// every malformed input is an error.
 pub fn decode(bytes: &[u8]) -> Result<(Envelope, &[u8]), GossipError> {
@@ -170,22 +198,8 @@ pub fn decode(bytes: &[u8]) -> Result<(Envelope, &[u8]), GossipError> {
         Ok(a)
     };
     let coordinate = if flags & FLAG_COORDINATE != 0 {
-        let dim = *dim as usize;
-        if dim == 0 || dim > MAX_DIMENSIONS {
-            return Err(GossipError::BadCoordinate);
-        }
-        let raw = take(8 * (dim + 3))?;
-        let f = |k: usize| f64::from_le_bytes(raw[8 * k..8 * k + 8].try_into().expect("8 bytes"));
-        let c = Coordinate {
-            vec: (0..dim).map(f).collect(),
-            error: f(dim),
-            adjustment: f(dim + 1),
-            height: f(dim + 2),
-        };
-        if !c.is_valid() || c.height < 0.0 || c.error < 0.0 {
-            return Err(GossipError::BadCoordinate);
-        }
-        Some(c)
+        let dim = check_dim(*dim)?;
+        Some(read_coordinate(dim, take(8 * (dim + 3))?)?)
     } else {
         None
     };
@@ -424,21 +438,8 @@ fn decode_broadcast(data: &[u8]) -> Result<(String, u64, Coordinate), GossipErro
     let len = u16::from_le_bytes(take(&mut d, 2)?.try_into().expect("2 bytes")) as usize;
     let name = String::from_utf8(take(&mut d, len)?).map_err(|_| GossipError::Truncated)?;
     let version = u64::from_le_bytes(take(&mut d, 8)?.try_into().expect("8 bytes"));
-    let dim = take(&mut d, 1)?[0] as usize;
-    if dim == 0 || dim > MAX_DIMENSIONS {
-        return Err(GossipError::BadCoordinate);
-    }
-    let raw = take(&mut d, 8 * (dim + 3))?;
-    let f = |k: usize| f64::from_le_bytes(raw[8 * k..8 * k + 8].try_into().expect("8 bytes"));
-    let c = Coordinate {
-        vec: (0..dim).map(f).collect(),
-        error: f(dim),
-        adjustment: f(dim + 1),
-        height: f(dim + 2),
-    };
-    if !c.is_valid() || c.height < 0.0 || c.error < 0.0 {
-        return Err(GossipError::BadCoordinate);
-    }
+    let dim = check_dim(take(&mut d, 1)?[0])?;
+    let c = read_coordinate(dim, &take(&mut d, 8 * (dim + 3))?)?;
     Ok((name, version, c))
 }
 
