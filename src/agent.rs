@@ -112,6 +112,11 @@ impl AgentConfig {
         {
             p.frequency = scale(p.frequency);
         }
+        // Versions of our coordinate publications continue from the wall
+        // clock, so a restarted agent's are newer than its last life's.
+        g.epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         g
     }
 }

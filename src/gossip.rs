@@ -1,40 +1,62 @@
 //! SWIM membership (foca) wrapped in tomo's versioned envelope, feeding the
-//! coordinate engine with direct-probe RTTs. Sans-IO: the caller passes the
-//! time and the received bytes in, and gets datagrams to send, timers to
-//! arm and membership events out; the agent drives it with UDP sockets and
-//! the real clock, the simulator with its event queue.
+//! coordinate engine with direct-probe RTTs and keeping every member's
+//! coordinate in a table. Sans-IO: the caller passes the time and the
+//! received bytes in, and gets datagrams to send, timers to arm and
+//! membership events out; the agent drives it with UDP sockets and the real
+//! clock, the simulator with its event queue.
 //!
-//! Every datagram is `[envelope][foca message]`. The envelope carries the
-//! sender's current coordinate (so every member learns the coordinates of
-//! those it hears from, and a prober gets the target's coordinate with the
-//! ack, as serf's ack payload does) and how long the sender held the
-//! datagram it answers (subtracted from the RTT).
+//! Every datagram is `[envelope][foca message]`. The envelope carries:
+//!
+//! - the sender's current coordinate, so a prober gets the target's
+//!   coordinate with the ack (as serf's ack payload does);
+//! - how long the sender held the datagram it answers (subtracted from the
+//!   RTT);
+//! - a few coordinate-table entries (at most [`ENTRY_BUDGET`] bytes): a
+//!   member publishes its coordinate when it moves significantly, and each
+//!   node passes every newer entry it learns on in its next few datagrams
+//!   (rumors, least-sent first), filling what room is left with entries
+//!   of its table taken round-robin (anti-entropy, so a newcomer's table
+//!   fills and a missed rumor is repaired). Entries ride on the probes
+//!   SWIM sends anyway: the table never costs a datagram of its own and its
+//!   bandwidth is bounded whatever the cluster size.
 //!
 //! RTT samples come only from a direct `Ping(n)` we sent to a member and
 //! the `Ack(n)` that member returned: indirect probes and forwarded acks
 //! never produce samples.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 use foca::{
-    BroadcastHandler, Config as FocaConfig, Foca, Identity, Invalidates, Message, Notification,
-    PostcardCodec, Runtime, Timer,
+    Config as FocaConfig, Foca, Identity, Message, NoCustomBroadcast, Notification, PostcardCodec,
+    Runtime, Timer,
 };
 use rand::SeedableRng;
+use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::vivaldi::{self, Coordinate, Node};
 
 /// Version byte of the envelope.
-pub const ENVELOPE_VERSION: u8 = 1;
+pub const ENVELOPE_VERSION: u8 = 2;
 /// Largest datagram sent or accepted, bytes.
 pub const MAX_DATAGRAM: usize = 1400;
 /// Most coordinate dimensions an envelope may carry.
 pub const MAX_DIMENSIONS: usize = 64;
+/// Bytes of each datagram set aside for coordinate-table entries: about
+/// eight entries of an 8-dimensional coordinate. This caps what
+/// disseminating the table costs, whatever the cluster size: a node sends
+/// about two datagrams per probe interval (its ping and its ack), so the
+/// table costs at most ~1 KB/s per node at 1 s probes, and in steady state
+/// much less (see [`RUMOR_ENTRIES_PER_S`]).
+pub const ENTRY_BUDGET: usize = 512;
+/// Of the entries in one datagram, at most this many are anti-entropy
+/// (table entries sent round-robin so a newcomer fills its table); the
+/// rest of the budget goes to fresh changes (rumors).
+const MAX_ANTI_ENTROPY: usize = 2;
 
 /// What can go wrong decoding a datagram or driving the membership.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -89,36 +111,101 @@ impl Identity for Id {
     }
 }
 
+/// One member's published coordinate as it travels between tables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The member's node name.
+    pub name: String,
+    /// Its publication version (larger is newer; set by the member).
+    pub version: u64,
+    /// The published coordinate.
+    pub coordinate: Coordinate,
+}
+
 /// The decoded envelope of a datagram.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
-    /// The sender's coordinate, when it has one to share.
+    /// The sender's current coordinate, when it has one to share.
     pub coordinate: Option<Coordinate>,
     /// Microseconds the sender held the datagram this one answers.
     pub hold_us: u32,
+    /// Coordinate-table entries piggybacked on this datagram (all of the
+    /// envelope's dimension).
+    pub entries: Vec<Entry>,
 }
 
 const FLAG_COORDINATE: u8 = 1;
 
-/// Encodes `[version][flags][dim][coordinate…][hold_us][payload]`.
+/// Wire size of `dim + 3` f32s.
+const fn coordinate_len(dim: usize) -> usize {
+    4 * (dim + 3)
+}
+
+/// Wire size of an entry.
+fn entry_len(name: &str, dim: usize) -> usize {
+    1 + name.len() + 8 + coordinate_len(dim)
+}
+
+/// Envelope bytes before the entries: version, flags, dim, coordinate,
+/// hold time, entry count.
+pub const fn envelope_header_len(dim: usize) -> usize {
+    3 + coordinate_len(dim) + 4 + 1
+}
+
+fn put_coordinate(out: &mut Vec<u8>, c: &Coordinate) {
+    // f32 on the wire: 24 bits of mantissa are nanoseconds on coordinates
+    // of seconds, far below what any RTT sample resolves, and halve what
+    // every datagram spends on coordinates.
+    for v in c.vec.iter().chain([&c.error, &c.adjustment, &c.height]) {
+        out.extend_from_slice(&(*v as f32).to_le_bytes());
+    }
+}
+
+/// Encodes `[version][flags][dim][coordinate…][hold_us][n][entries…][payload]`,
+/// each entry `[name len u8][name][version u64][coordinate…]`, coordinates
+/// as `dim + 3` little-endian f32s (vector, error, adjustment, height).
+/// Entries whose name is over 255 bytes or whose dimension differs from
+/// the envelope's are left out.
 pub fn encode(env: &Envelope, payload: &[u8]) -> Vec<u8> {
-    let dim = env.coordinate.as_ref().map_or(0, |c| c.vec.len());
-    let mut out = Vec::with_capacity(3 + 8 * (dim + 3) + 4 + payload.len());
+    let dim = env
+        .coordinate
+        .as_ref()
+        .or(env.entries.first().map(|e| &e.coordinate))
+        .map_or(0, |c| c.vec.len());
+    let mut out = Vec::with_capacity(
+        envelope_header_len(dim)
+            + env
+                .entries
+                .iter()
+                .map(|e| entry_len(&e.name, dim))
+                .sum::<usize>()
+            + payload.len(),
+    );
     out.push(ENVELOPE_VERSION);
-    match &env.coordinate {
-        Some(c) => {
-            out.push(FLAG_COORDINATE);
-            out.push(dim as u8);
-            for v in c.vec.iter().chain([&c.error, &c.adjustment, &c.height]) {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-        None => {
-            out.push(0);
-            out.push(0);
-        }
+    out.push(if env.coordinate.is_some() {
+        FLAG_COORDINATE
+    } else {
+        0
+    });
+    out.push(dim as u8);
+    if let Some(c) = &env.coordinate {
+        put_coordinate(&mut out, c);
     }
     out.extend_from_slice(&env.hold_us.to_le_bytes());
+    let count_at = out.len();
+    out.push(0);
+    let mut count = 0u8;
+    for e in &env.entries {
+        if e.name.len() > u8::MAX as usize || e.coordinate.vec.len() != dim || count == u8::MAX {
+            continue;
+        }
+        out.push(e.name.len() as u8);
+        out.extend_from_slice(e.name.as_bytes());
+        out.extend_from_slice(&e.version.to_le_bytes());
+        put_coordinate(&mut out, &e.coordinate);
+        count += 1;
+    }
+    out[count_at] = count;
     out.extend_from_slice(payload);
     out
 }
@@ -135,7 +222,7 @@ pub fn set_hold(bytes: &mut [u8], hold_us: u32) -> bool {
         return false;
     }
     let at = 3 + if flags & FLAG_COORDINATE != 0 {
-        8 * (dim as usize + 3)
+        coordinate_len(dim as usize)
     } else {
         0
     };
@@ -157,13 +244,17 @@ fn check_dim(dim: u8) -> Result<usize, GossipError> {
     Ok(dim)
 }
 
-/// Reads `dim + 3` little-endian f64s (vector, error, adjustment, height)
+/// Reads `dim + 3` little-endian f32s (vector, error, adjustment, height)
 /// as a coordinate, refusing non-finite or negative error/height values.
 fn read_coordinate(dim: usize, raw: &[u8]) -> Result<Coordinate, GossipError> {
-    if raw.len() != 8 * (dim + 3) {
+    if raw.len() != coordinate_len(dim) {
         return Err(GossipError::Truncated);
     }
-    let f = |k: usize| f64::from_le_bytes(raw[8 * k..8 * k + 8].try_into().expect("8 bytes"));
+    let f = |k: usize| {
+        f64::from(f32::from_le_bytes(
+            raw[4 * k..4 * k + 4].try_into().expect("4 bytes"),
+        ))
+    };
     let c = Coordinate {
         vec: (0..dim).map(f).collect(),
         error: f(dim),
@@ -199,16 +290,34 @@ pub fn decode(bytes: &[u8]) -> Result<(Envelope, &[u8]), GossipError> {
     };
     let coordinate = if flags & FLAG_COORDINATE != 0 {
         let dim = check_dim(*dim)?;
-        Some(read_coordinate(dim, take(8 * (dim + 3))?)?)
+        Some(read_coordinate(dim, take(coordinate_len(dim))?)?)
     } else {
         None
     };
-    let hold = take(4)?;
-    let hold_us = u32::from_le_bytes(hold.try_into().expect("4 bytes"));
+    let hold_us = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
+    let count = take(1)?[0] as usize;
+    let mut entries = Vec::with_capacity(count);
+    if count > 0 {
+        let dim = check_dim(*dim)?;
+        for _ in 0..count {
+            let len = take(1)?[0] as usize;
+            let name = std::str::from_utf8(take(len)?)
+                .map_err(|_| GossipError::Truncated)?
+                .to_string();
+            let version = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+            let coordinate = read_coordinate(dim, take(coordinate_len(dim))?)?;
+            entries.push(Entry {
+                name,
+                version,
+                coordinate,
+            });
+        }
+    }
     Ok((
         Envelope {
             coordinate,
             hold_us,
+            entries,
         },
         rest,
     ))
@@ -221,17 +330,45 @@ pub struct GossipConfig {
     pub foca: FocaConfig,
     /// The coordinate engine's parameters.
     pub engine: vivaldi::Config,
+    /// How many datagrams carry each fresh coordinate-table change onward
+    /// from every node that learns it (a push epidemic: a node misses a
+    /// change with probability about e^-n, and anti-entropy repairs the
+    /// rest).
+    pub rumor_transmissions: u8,
+    /// Added to the node's clock to version its coordinate publications.
+    /// The agent passes the wall-clock time it started, so a restarted
+    /// agent's versions are newer than its previous life's; the simulator
+    /// runs every life on one clock and passes zero.
+    pub epoch: Duration,
 }
 
 impl GossipConfig {
     /// LAN defaults (1 s probes) for an expected cluster size, with the
     /// packet size shrunk by the envelope.
     pub fn lan(cluster_size: u32) -> Self {
-        let mut foca = FocaConfig::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
-        let engine = vivaldi::Config::tomo();
-        let envelope = 3 + 8 * (engine.dimensionality + 3) + 4;
-        foca.max_packet_size = (MAX_DATAGRAM - envelope).try_into().expect("non-zero");
-        GossipConfig { foca, engine }
+        let foca = FocaConfig::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
+        // A third of foca's count for membership updates (4·log10 n):
+        // a table entry that misses a node is repaired by anti-entropy,
+        // a missed membership change is not.
+        let rumor_transmissions = (foca.max_transmissions.get() / 3).max(3);
+        let mut g = GossipConfig {
+            foca,
+            engine: vivaldi::Config::tomo(),
+            rumor_transmissions,
+            epoch: Duration::ZERO,
+        };
+        g.fit_packet();
+        g
+    }
+
+    /// Shrinks foca's packet size so that foca's message, the envelope and
+    /// [`ENTRY_BUDGET`] bytes of entries fit in [`MAX_DATAGRAM`]. Call it
+    /// again after changing the engine's dimensionality.
+    pub fn fit_packet(&mut self) {
+        let room = MAX_DATAGRAM
+            .saturating_sub(envelope_header_len(self.engine.dimensionality) + ENTRY_BUDGET)
+            .max(256);
+        self.foca.max_packet_size = NonZeroUsize::new(room).expect("non-zero");
     }
 }
 
@@ -296,6 +433,15 @@ pub struct GossipStats {
     pub rtt_samples: u64,
     /// Samples the engine rejected.
     pub rtt_rejected: u64,
+    /// Table entries received that were newer than ours.
+    pub entries_applied: u64,
+    /// Table entries received that we already had (or older).
+    pub entries_stale: u64,
+    /// Table entries about nodes that are not (or not yet) members (kept
+    /// aside, bounded, until they come up).
+    pub entries_unknown: u64,
+    /// Our own coordinate publications.
+    pub publications: u64,
 }
 
 /// A member's last known coordinate.
@@ -303,32 +449,121 @@ pub struct GossipStats {
 pub struct TableEntry {
     /// The coordinate.
     pub coordinate: Coordinate,
+    /// Its publication version (see [`Entry::version`]).
+    pub version: u64,
     /// When it was received (the caller's clock).
     pub updated: Duration,
+}
+
+/// Fresh table changes waiting to be piggybacked, each sent a bounded
+/// number of times, the least-sent first (as foca's own update queue). At
+/// most one change per member is queued: a newer one replaces it.
+#[derive(Default)]
+struct Rumors {
+    /// name → (entry, transmissions left, generation).
+    items: HashMap<String, (Entry, u8, u32)>,
+    /// `buckets[k]`: names with `k` transmissions left, oldest first,
+    /// tagged with the generation they were queued under (stale tags are
+    /// skipped: cheaper than removing from the middle).
+    buckets: Vec<VecDeque<(String, u32)>>,
+}
+
+impl Rumors {
+    fn new(transmissions: u8) -> Self {
+        Rumors {
+            items: HashMap::new(),
+            buckets: (0..=transmissions).map(|_| VecDeque::new()).collect(),
+        }
+    }
+
+    fn push(&mut self, e: Entry) {
+        let top = (self.buckets.len() - 1) as u8;
+        let generation = self.items.get(&e.name).map_or(0, |x| x.2.wrapping_add(1));
+        self.buckets[top as usize].push_back((e.name.clone(), generation));
+        self.items.insert(e.name.clone(), (e, top, generation));
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.items.remove(name);
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Takes the most-wanted changes that fit in `budget` bytes, counting
+    /// one transmission for each.
+    fn take(&mut self, budget: &mut usize, dim: usize, out: &mut Vec<Entry>) {
+        let mut demoted = Vec::new();
+        'levels: for level in (1..self.buckets.len()).rev() {
+            while let Some((name, generation)) = self.buckets[level].pop_front() {
+                let Some((e, left, g)) = self.items.get_mut(&name) else {
+                    continue;
+                };
+                if *g != generation || *left as usize != level {
+                    continue;
+                }
+                let len = entry_len(&name, dim);
+                if len > *budget {
+                    self.buckets[level].push_front((name, generation));
+                    break 'levels;
+                }
+                *budget -= len;
+                out.push(e.clone());
+                *left -= 1;
+                *g = g.wrapping_add(1);
+                if *left == 0 {
+                    self.items.remove(&name);
+                } else {
+                    demoted.push((*left as usize, name, g.to_owned()));
+                }
+            }
+        }
+        for (level, name, generation) in demoted {
+            self.buckets[level].push_back((name, generation));
+        }
+    }
 }
 
 /// One node's gossip state: membership, the coordinate engine and the
 /// table of every member's coordinate.
 pub struct Gossip {
-    foca: Foca<Id, PostcardCodec, ChaCha8Rng, CoordinateBroadcasts>,
-    /// Coordinates that arrived in other members' broadcasts, not yet in
-    /// the table (shared with the broadcast handler foca owns).
-    inbox: Inbox,
-    /// Our last broadcast: when, its version and the coordinate.
-    last_broadcast: Option<(Duration, Coordinate)>,
+    foca: Foca<Id, PostcardCodec, ChaCha8Rng, NoCustomBroadcast>,
     engine: Node<String>,
     /// Pings sent and not yet acked: (target address, probe number) → when.
     pending: HashMap<(SocketAddr, u8), Duration>,
+    /// Every member's published coordinate, ours included.
     table: HashMap<String, TableEntry>,
+    /// Live members by name (from foca's notifications): a table entry is
+    /// only accepted for one of them, so a departed node is not resurrected
+    /// by a stale entry still travelling.
+    live: HashMap<String, Id>,
+    /// Fresh table changes to piggyback.
+    rumors: Rumors,
+    /// Entries about nodes not (yet) known as members, applied if they come
+    /// up: while a cluster forms, a member's first publication often
+    /// arrives before the news that it joined.
+    early: HashMap<String, Entry>,
+    /// Anti-entropy: a shuffled snapshot of the table's names and a cursor.
+    sweep: (Vec<String>, usize),
+    /// Our last publication: when, and the coordinate.
+    last_publish: Option<(Duration, Coordinate)>,
+    /// Publication allowance (a token bucket of [`PUBLISH_BURST`] filled at
+    /// one per [`Gossip::publish_interval`]) and when it was last filled.
+    publish_tokens: (f64, Duration),
+    /// Our publications: (version, when), oldest first.
+    publications: Vec<(u64, Duration)>,
+    epoch: Duration,
+    rumor_transmissions: u8,
+    probe_period: Duration,
     stats: GossipStats,
     rng: ChaCha8Rng,
 }
 
-/// Collects foca's callbacks for one call.
+/// Collects foca's callbacks for one call; datagrams get their envelope
+/// in [`Gossip::finish`].
 struct Collect {
     now: Duration,
-    /// Our coordinate, put in every envelope we send.
-    ours: Coordinate,
     out: Vec<Output>,
     sent_pings: Vec<(SocketAddr, u8)>,
     acks: Vec<(SocketAddr, u8, String)>,
@@ -359,14 +594,9 @@ impl Runtime<Id> for Collect {
     }
 
     fn send_to(&mut self, to: Id, data: &[u8]) {
-        // We answer within this call: nothing was held.
-        let env = Envelope {
-            coordinate: Some(self.ours.clone()),
-            hold_us: 0,
-        };
         self.out.push(Output::Send {
             to: to.addr,
-            bytes: encode(&env, data),
+            bytes: data.to_vec(),
         });
     }
 
@@ -378,98 +608,23 @@ impl Runtime<Id> for Collect {
     }
 }
 
-/// A member re-broadcasts its coordinate at least this often.
-const BROADCAST_REFRESH: Duration = Duration::from_secs(60);
-/// …or as soon as it moved by this fraction of its distance from the
-/// origin (at least 0.5 ms): "significant change" for consumers.
-const BROADCAST_MOVE: f64 = 0.05;
+/// A member publishes its coordinate when it has moved by this fraction of
+/// its distance from the origin (at least [`PUBLISH_MOVE_MIN`]):
+/// "significant change" for consumers.
+const PUBLISH_MOVE: f64 = 0.05;
+/// …and at least this far, seconds.
+const PUBLISH_MOVE_MIN: f64 = 0.5e-3;
 
-/// Coordinates received in broadcasts, handed from foca's handler to the
-/// table.
-#[derive(Clone, Default)]
-struct Inbox(std::sync::Arc<std::sync::Mutex<Vec<(String, Coordinate)>>>);
-
-/// foca's custom-broadcast handler for coordinates: items are
-/// `[name len u16][name][version u64][dim u8][dim + 3 f64]`; a newer
-/// version of a member's coordinate replaces (and stops the dissemination
-/// of) an older one.
-struct CoordinateBroadcasts {
-    versions: HashMap<String, u64>,
-    inbox: Inbox,
-    dimensionality: usize,
-}
-
-/// The dissemination key of a coordinate broadcast.
-struct BroadcastKey {
-    name: String,
-    version: u64,
-}
-
-impl Invalidates for BroadcastKey {
-    fn invalidates(&self, other: &Self) -> bool {
-        self.name == other.name && self.version >= other.version
-    }
-}
-
-/// Encodes a coordinate broadcast item.
-fn encode_broadcast(name: &str, version: u64, c: &Coordinate) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 + name.len() + 8 + 1 + 8 * (c.vec.len() + 3));
-    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(&version.to_le_bytes());
-    out.push(c.vec.len() as u8);
-    for v in c.vec.iter().chain([&c.error, &c.adjustment, &c.height]) {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out
-}
-
-/// Decodes a coordinate broadcast item (never panics).
-fn decode_broadcast(data: &[u8]) -> Result<(String, u64, Coordinate), GossipError> {
-    let take = |d: &mut &[u8], n: usize| -> Result<Vec<u8>, GossipError> {
-        if d.len() < n {
-            return Err(GossipError::Truncated);
-        }
-        let (a, b) = d.split_at(n);
-        *d = b;
-        Ok(a.to_vec())
-    };
-    let mut d = data;
-    let len = u16::from_le_bytes(take(&mut d, 2)?.try_into().expect("2 bytes")) as usize;
-    let name = String::from_utf8(take(&mut d, len)?).map_err(|_| GossipError::Truncated)?;
-    let version = u64::from_le_bytes(take(&mut d, 8)?.try_into().expect("8 bytes"));
-    let dim = check_dim(take(&mut d, 1)?[0])?;
-    let c = read_coordinate(dim, &take(&mut d, 8 * (dim + 3))?)?;
-    Ok((name, version, c))
-}
-
-impl BroadcastHandler<Id> for CoordinateBroadcasts {
-    type Key = BroadcastKey;
-    type Error = GossipError;
-
-    fn receive_item(
-        &mut self,
-        data: &[u8],
-        _sender: Option<&Id>,
-    ) -> Result<Option<BroadcastKey>, GossipError> {
-        let (name, version, c) = decode_broadcast(data)?;
-        if c.vec.len() != self.dimensionality {
-            return Err(GossipError::BadCoordinate);
-        }
-        let known = self.versions.get(&name).copied().unwrap_or(0);
-        if version <= known {
-            // Already seen: do not disseminate again.
-            return Ok(None);
-        }
-        self.versions.insert(name.clone(), version);
-        self.inbox
-            .0
-            .lock()
-            .expect("not poisoned")
-            .push((name.clone(), c));
-        Ok(Some(BroadcastKey { name, version }))
-    }
-}
+/// What publications may cost each node, in entries sent per second on
+/// average (about 400 B/s; [`ENTRY_BUDGET`] at two datagrams per second
+/// carries twice that, leaving room for anti-entropy and bursts).
+pub const RUMOR_ENTRIES_PER_S: f64 = 6.0;
+/// Publications a node may make back to back (at the floor interval)
+/// before the cluster-size interval applies: coordinates move most while
+/// a node converges.
+const PUBLISH_BURST: f64 = 3.0;
+/// The shortest publication interval, in probe periods.
+const PUBLISH_INTERVALS_MIN: f64 = 5.0;
 
 /// Pings older than this are forgotten (their ack is not coming).
 const PENDING_TTL: Duration = Duration::from_secs(30);
@@ -477,27 +632,28 @@ const PENDING_TTL: Duration = Duration::from_secs(30);
 impl Gossip {
     /// A node with identity `id`, seeded randomness and configuration.
     pub fn new(id: Id, cfg: GossipConfig, seed: u64) -> Result<Self, GossipError> {
-        let inbox = Inbox::default();
-        let handler = CoordinateBroadcasts {
-            versions: HashMap::new(),
-            inbox: inbox.clone(),
-            dimensionality: cfg.engine.dimensionality,
-        };
-        let foca = Foca::with_custom_broadcast(
+        let foca = Foca::new(
             id,
-            cfg.foca,
+            cfg.foca.clone(),
             ChaCha8Rng::seed_from_u64(seed),
             PostcardCodec,
-            handler,
         );
         let engine = Node::new(cfg.engine).map_err(|e| GossipError::Membership(e.to_string()))?;
         Ok(Gossip {
             foca,
-            inbox,
-            last_broadcast: None,
             engine,
             pending: HashMap::new(),
             table: HashMap::new(),
+            live: HashMap::new(),
+            rumors: Rumors::new(cfg.rumor_transmissions.max(1)),
+            early: HashMap::new(),
+            sweep: (Vec::new(), 0),
+            last_publish: None,
+            publish_tokens: (PUBLISH_BURST, Duration::ZERO),
+            publications: Vec::new(),
+            epoch: cfg.epoch,
+            rumor_transmissions: cfg.rumor_transmissions.max(1),
+            probe_period: cfg.foca.probe_period,
             stats: GossipStats::default(),
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0xC00D),
         })
@@ -513,9 +669,19 @@ impl Gossip {
         &self.engine
     }
 
-    /// Every member's last known coordinate (ours included).
+    /// Every member's last known published coordinate (ours included).
     pub fn table(&self) -> &HashMap<String, TableEntry> {
         &self.table
+    }
+
+    /// Our coordinate publications, (version, when), oldest first.
+    pub fn publications(&self) -> &[(u64, Duration)] {
+        &self.publications
+    }
+
+    /// Table changes waiting to be piggybacked.
+    pub fn pending_rumors(&self) -> usize {
+        self.rumors.len()
     }
 
     /// Counters.
@@ -524,7 +690,8 @@ impl Gossip {
     }
 
     /// Records a coordinate for `name` from outside the gossip (Consul's
-    /// `PUT /v1/coordinate/update`), after validating it.
+    /// `PUT /v1/coordinate/update`), after validating it. It keeps the
+    /// entry's version, so the member's next publication replaces it.
     pub fn insert_coordinate(
         &mut self,
         name: String,
@@ -537,10 +704,12 @@ impl Gossip {
         if !c.is_valid() {
             return Err(GossipError::BadCoordinate);
         }
+        let version = self.table.get(&name).map_or(0, |e| e.version);
         self.table.insert(
             name,
             TableEntry {
                 coordinate: c,
+                version,
                 updated: now,
             },
         );
@@ -554,16 +723,21 @@ impl Gossip {
 
     /// Every member foca knows with its state, down ones included.
     pub fn membership(&self) -> Vec<(Id, foca::State)> {
+        self.membership_iter()
+            .map(|(id, state)| (id.clone(), state))
+            .collect()
+    }
+
+    /// [`Gossip::membership`] without copying.
+    pub fn membership_iter(&self) -> impl Iterator<Item = (&Id, foca::State)> {
         self.foca
             .iter_membership_state()
-            .map(|m| (m.id().clone(), m.state()))
-            .collect()
+            .map(|m| (m.id(), m.state()))
     }
 
     fn collect(&self, now: Duration) -> Collect {
         Collect {
             now,
-            ours: self.engine.coordinate().clone(),
             out: Vec::new(),
             sent_pings: Vec::new(),
             acks: Vec::new(),
@@ -571,7 +745,9 @@ impl Gossip {
     }
 
     /// Finishes a call: remembers pings, turns acks into RTT samples,
-    /// counts what is sent, refreshes our table entry.
+    /// follows membership changes, applies the entries that arrived,
+    /// publishes our coordinate if it moved, and wraps every datagram foca
+    /// produced in an envelope.
     fn finish(
         &mut self,
         now: Duration,
@@ -587,15 +763,11 @@ impl Gossip {
             let Some(sent) = self.pending.remove(&(addr, n)) else {
                 continue;
             };
-            let Some(env) = incoming.as_ref() else {
+            let Some(coord) = incoming.as_ref().and_then(|e| e.coordinate.as_ref()) else {
                 continue;
             };
-            let Some(coord) = &env.coordinate else {
-                continue;
-            };
-            let rtt = now
-                .saturating_sub(sent)
-                .saturating_sub(Duration::from_micros(env.hold_us as u64));
+            let hold = Duration::from_micros(incoming.as_ref().map_or(0, |e| e.hold_us as u64));
+            let rtt = now.saturating_sub(sent).saturating_sub(hold);
             match self
                 .engine
                 .update(&name, coord, rtt.as_secs_f64(), &mut self.rng)
@@ -604,68 +776,207 @@ impl Gossip {
                 Err(_) => self.stats.rtt_rejected += 1,
             }
         }
-        self.pending
-            .retain(|_, t| now.saturating_sub(*t) < PENDING_TTL);
+        if !self.pending.is_empty() {
+            self.pending
+                .retain(|_, t| now.saturating_sub(*t) < PENDING_TTL);
+        }
+        let mut early = Vec::new();
         for o in &rt.out {
             match o {
-                Output::Send { bytes, .. } => {
-                    self.stats.datagrams_out += 1;
-                    self.stats.bytes_out += bytes.len() as u64;
+                Output::Event(Event::MemberUp(id)) => {
+                    self.live.insert(id.name.clone(), id.clone());
+                    early.extend(self.early.remove(&id.name));
                 }
                 Output::Event(Event::MemberDown(id)) => {
-                    self.table.remove(&id.name);
+                    // A rename (newer identity, same name) may have come up
+                    // before the old identity went down: keep that one.
+                    if self.live.get(&id.name) == Some(id) {
+                        self.live.remove(&id.name);
+                        self.table.remove(&id.name);
+                        self.rumors.remove(&id.name);
+                    }
+                    self.early.remove(&id.name);
                 }
                 _ => {}
             }
         }
-        let me = self.foca.identity().name.clone();
-        let ours = self.engine.published().clone();
-        self.table.insert(
-            me.clone(),
-            TableEntry {
-                coordinate: ours.clone(),
-                updated: now,
-            },
-        );
-        // Coordinates other members broadcast (only members we know of:
-        // a stale broadcast must not resurrect a departed node's entry).
-        let arrived = std::mem::take(&mut *self.inbox.0.lock().expect("not poisoned"));
-        for (name, c) in arrived {
-            if name != me && self.foca.iter_members().any(|m| m.id().name == name) {
-                self.table.insert(
-                    name,
-                    TableEntry {
-                        coordinate: c,
-                        updated: now,
-                    },
-                );
+        if !early.is_empty() {
+            self.apply_entries(now, early);
+        }
+        if let Some(env) = incoming {
+            self.apply_entries(now, env.entries);
+        }
+        self.maybe_publish(now);
+        let dim = self.engine.config().dimensionality;
+        let ours = self.engine.coordinate().clone();
+        for o in &mut rt.out {
+            if let Output::Send { bytes, .. } = o {
+                let entries = self.pick_entries(dim);
+                let env = Envelope {
+                    coordinate: Some(ours.clone()),
+                    // We answer within this call: nothing was held (the
+                    // driver rewrites it with `set_hold` if it knows better).
+                    hold_us: 0,
+                    entries,
+                };
+                *bytes = encode(&env, bytes);
+                self.stats.datagrams_out += 1;
+                self.stats.bytes_out += bytes.len() as u64;
             }
         }
-        self.maybe_broadcast(now, &me, ours);
-        std::mem::take(&mut rt.out)
+        rt.out
     }
 
-    /// Publishes our coordinate to the cluster (piggybacked on foca's
-    /// messages) when it has moved significantly since the last broadcast,
-    /// or at least every [`BROADCAST_REFRESH`].
-    fn maybe_broadcast(&mut self, now: Duration, me: &str, ours: Coordinate) {
-        let due = match &self.last_broadcast {
+    /// Applies received table entries: newer versions of live members'
+    /// coordinates replace ours and become rumors we pass on.
+    fn apply_entries(&mut self, now: Duration, entries: Vec<Entry>) {
+        let me = &self.foca.identity().name;
+        let dim = self.engine.config().dimensionality;
+        for e in entries {
+            if &e.name == me || e.coordinate.vec.len() != dim {
+                continue;
+            }
+            if !self.live.contains_key(&e.name) {
+                self.stats.entries_unknown += 1;
+                // Bounded: a flood of made-up names cannot grow it past
+                // twice the cluster we know.
+                let cap = 2 * self.live.len() + 64;
+                if self
+                    .early
+                    .get(&e.name)
+                    .is_none_or(|x| x.version < e.version)
+                    && (self.early.len() < cap || self.early.contains_key(&e.name))
+                {
+                    self.early.insert(e.name.clone(), e);
+                }
+                continue;
+            }
+            if self
+                .table
+                .get(&e.name)
+                .is_some_and(|t| t.version >= e.version)
+            {
+                self.stats.entries_stale += 1;
+                continue;
+            }
+            self.stats.entries_applied += 1;
+            self.table.insert(
+                e.name.clone(),
+                TableEntry {
+                    coordinate: e.coordinate.clone(),
+                    version: e.version,
+                    updated: now,
+                },
+            );
+            self.rumors.push(e);
+        }
+    }
+
+    /// Entries for one outgoing datagram: fresh changes first, then up to
+    /// [`MAX_ANTI_ENTROPY`] table entries taken round-robin.
+    fn pick_entries(&mut self, dim: usize) -> Vec<Entry> {
+        let mut budget = ENTRY_BUDGET;
+        let mut out = Vec::new();
+        self.rumors.take(&mut budget, dim, &mut out);
+        let mut swept = 0;
+        // Each table entry is looked at no more than once per datagram.
+        let mut looked = 0;
+        while swept < MAX_ANTI_ENTROPY && looked < self.table.len() {
+            if self.sweep.1 >= self.sweep.0.len() {
+                let mut names: Vec<String> = self.table.keys().cloned().collect();
+                names.sort_unstable();
+                names.shuffle(&mut self.rng);
+                self.sweep = (names, 0);
+            }
+            let name = &self.sweep.0[self.sweep.1];
+            let len = entry_len(name, dim);
+            if len > budget {
+                // Full: this name goes first next time.
+                break;
+            }
+            self.sweep.1 += 1;
+            looked += 1;
+            let Some(t) = self.table.get(name) else {
+                continue;
+            };
+            if out.iter().any(|e| &e.name == name) {
+                continue;
+            }
+            budget -= len;
+            swept += 1;
+            out.push(Entry {
+                name: name.clone(),
+                version: t.version,
+                coordinate: t.coordinate.clone(),
+            });
+        }
+        out
+    }
+
+    /// Publishes our coordinate (our table entry, and a rumor) when it has
+    /// moved significantly since the last publication.
+    fn maybe_publish(&mut self, now: Duration) {
+        // Nothing worth publishing before the first measurement.
+        if self.stats.rtt_samples == 0 {
+            return;
+        }
+        let (tokens, filled) = self.publish_tokens;
+        let interval = self.publish_interval().as_secs_f64();
+        let tokens =
+            (tokens + now.saturating_sub(filled).as_secs_f64() / interval).min(PUBLISH_BURST);
+        self.publish_tokens = (tokens, now);
+        let floor = self.probe_period.mul_f64(PUBLISH_INTERVALS_MIN);
+        let ours = self.engine.published();
+        let due = match &self.last_publish {
             None => true,
             Some((at, last)) => {
-                let moved = last.distance_to(&ours);
+                let moved = last.distance_to(ours);
                 let scale = last.vec.iter().map(|v| v * v).sum::<f64>().sqrt() + last.height;
-                now.saturating_sub(*at) >= BROADCAST_REFRESH
-                    || moved > (BROADCAST_MOVE * scale).max(0.5e-3)
+                tokens >= 1.0
+                    && now.saturating_sub(*at) >= floor
+                    && moved > (PUBLISH_MOVE * scale).max(PUBLISH_MOVE_MIN)
             }
         };
         if !due {
             return;
         }
-        let version = now.as_micros() as u64 + 1;
-        let item = encode_broadcast(me, version, &ours);
-        if self.foca.add_broadcast(&item).is_ok() {
-            self.last_broadcast = Some((now, ours));
-        }
+        self.publish_tokens.0 = (tokens - 1.0).max(0.0);
+        let ours = ours.clone();
+        let clock = (self.epoch + now).as_micros().min(u64::MAX as u128) as u64;
+        let version = clock.max(self.publications.last().map_or(0, |p| p.0) + 1);
+        let me = self.foca.identity().name.clone();
+        self.table.insert(
+            me.clone(),
+            TableEntry {
+                coordinate: ours.clone(),
+                version,
+                updated: now,
+            },
+        );
+        self.rumors.push(Entry {
+            name: me,
+            version,
+            coordinate: ours.clone(),
+        });
+        self.publications.push((version, now));
+        self.stats.publications += 1;
+        self.last_publish = Some((now, ours));
+    }
+
+    /// The average time between two of our publications. Every member
+    /// passes each publication on `rumor_transmissions` times, so the
+    /// cluster's publications cost each node about
+    /// `members · transmissions / interval` entries per second: the interval
+    /// grows with the cluster to keep that near [`RUMOR_ENTRIES_PER_S`]
+    /// (Consul similarly stretches its coordinate updates with cluster
+    /// size), and is never under [`PUBLISH_INTERVALS_MIN`] probe periods.
+    /// Up to [`PUBLISH_BURST`] publications may go out closer together
+    /// (never closer than that floor).
+    pub fn publish_interval(&self) -> Duration {
+        let members = (self.live.len() + 1) as f64;
+        let per_cluster = members * f64::from(self.rumor_transmissions) / RUMOR_ENTRIES_PER_S;
+        let floor = self.probe_period.as_secs_f64() * PUBLISH_INTERVALS_MIN;
+        Duration::from_secs_f64(per_cluster.max(floor))
     }
 
     /// Introduces this node to `seed` (join).
@@ -701,7 +1012,7 @@ impl Gossip {
     pub fn handle_datagram(
         &mut self,
         now: Duration,
-        from: SocketAddr,
+        _from: SocketAddr,
         bytes: &[u8],
     ) -> Vec<Output> {
         let (env, payload) = match decode(bytes) {
@@ -717,8 +1028,12 @@ impl Gossip {
                 return Vec::new();
             }
         };
-        if let Some(c) = &env.coordinate
-            && c.vec.len() != self.engine.config().dimensionality
+        let dim = self.engine.config().dimensionality;
+        if env.coordinate.as_ref().is_some_and(|c| c.vec.len() != dim)
+            || env
+                .entries
+                .first()
+                .is_some_and(|e| e.coordinate.vec.len() != dim)
         {
             self.stats.dropped_coordinate += 1;
             return Vec::new();
@@ -730,27 +1045,7 @@ impl Gossip {
         }
         self.stats.datagrams_in += 1;
         self.stats.bytes_in += bytes.len() as u64;
-        // Remember the sender's coordinate under its name, when foca told us
-        // who it is (any message carries the sender's identity).
-        if let Some(c) = &env.coordinate
-            && let Some(name) = self.name_of(from)
-        {
-            self.table.insert(
-                name,
-                TableEntry {
-                    coordinate: c.clone(),
-                    updated: now,
-                },
-            );
-        }
         self.finish(now, rt, Some(env))
-    }
-
-    fn name_of(&self, addr: SocketAddr) -> Option<String> {
-        self.foca
-            .iter_membership_state()
-            .find(|m| m.id().addr == addr && m.state() != foca::State::Down)
-            .map(|m| m.id().name.clone())
     }
 }
 
@@ -758,11 +1053,22 @@ impl Gossip {
 mod tests {
     use super::*;
 
+    /// A coordinate whose fields are exact in f32 (the wire format).
     fn coord() -> Coordinate {
         let mut c = Coordinate::origin(&vivaldi::Config::tomo());
-        c.vec[0] = 0.012;
-        c.height = 0.001;
+        c.vec[0] = 0.015625;
+        c.vec[3] = -0.25;
+        c.error = 0.5;
+        c.height = 0.0009765625;
         c
+    }
+
+    fn entry(name: &str, version: u64) -> Entry {
+        Entry {
+            name: name.into(),
+            version,
+            coordinate: coord(),
+        }
     }
 
     #[test]
@@ -771,10 +1077,22 @@ mod tests {
             Envelope {
                 coordinate: Some(coord()),
                 hold_us: 1234,
+                entries: vec![entry("node-7", 42), entry("", u64::MAX)],
+            },
+            Envelope {
+                coordinate: Some(coord()),
+                hold_us: 1,
+                entries: vec![],
             },
             Envelope {
                 coordinate: None,
                 hold_us: 0,
+                entries: vec![],
+            },
+            Envelope {
+                coordinate: None,
+                hold_us: 9,
+                entries: vec![entry("a", 1)],
             },
         ] {
             let bytes = encode(&env, b"payload");
@@ -785,15 +1103,46 @@ mod tests {
     }
 
     #[test]
+    fn f32_wire_rounding_is_below_a_microsecond() {
+        let mut c = coord();
+        c.vec[1] = 0.123456789;
+        c.height = 0.000333333;
+        let env = Envelope {
+            coordinate: Some(c.clone()),
+            hold_us: 0,
+            entries: vec![],
+        };
+        let (back, _) = decode(&encode(&env, b"")).unwrap();
+        let got = back.coordinate.unwrap();
+        assert!((got.vec[1] - c.vec[1]).abs() < 1e-8);
+        assert!((got.height - c.height).abs() < 1e-9);
+    }
+
+    #[test]
+    fn entries_that_do_not_fit_the_format_are_left_out() {
+        let mut small = entry("small", 1);
+        small.coordinate.vec.pop();
+        let env = Envelope {
+            coordinate: Some(coord()),
+            hold_us: 0,
+            entries: vec![entry(&"x".repeat(300), 1), small, entry("ok", 2)],
+        };
+        let (back, _) = decode(&encode(&env, b"")).unwrap();
+        assert_eq!(back.entries, vec![entry("ok", 2)]);
+    }
+
+    #[test]
     fn hold_time_can_be_set_after_encoding() {
         let env = Envelope {
             coordinate: Some(coord()),
             hold_us: 0,
+            entries: vec![entry("b", 3)],
         };
         let mut bytes = encode(&env, b"p");
         assert!(set_hold(&mut bytes, 777));
         let (back, payload) = decode(&bytes).unwrap();
         assert_eq!(back.hold_us, 777);
+        assert_eq!(back.entries, env.entries);
         assert_eq!(payload, b"p");
         assert!(!set_hold(&mut [9u8, 0, 0], 1));
     }
@@ -804,66 +1153,88 @@ mod tests {
             &Envelope {
                 coordinate: Some(coord()),
                 hold_us: 5,
+                entries: vec![entry("node-1", 5)],
             },
             b"x",
         );
+        assert!(decode(&good).is_ok());
         assert_eq!(decode(&[]), Err(GossipError::Truncated));
-        assert_eq!(decode(&good[..20]), Err(GossipError::Truncated));
-        let mut v2 = good.clone();
-        v2[0] = 2;
-        assert_eq!(decode(&v2), Err(GossipError::Version(2)));
+        // Every cut inside the envelope is truncated (the last byte is the
+        // payload).
+        for cut in 0..good.len() - 1 {
+            assert_eq!(
+                decode(&good[..cut]),
+                Err(GossipError::Truncated),
+                "cut {cut}"
+            );
+        }
+        let mut v9 = good.clone();
+        v9[0] = 9;
+        assert_eq!(decode(&v9), Err(GossipError::Version(9)));
         let mut nan = good.clone();
-        nan[3..11].copy_from_slice(&f64::NAN.to_le_bytes());
+        nan[3..7].copy_from_slice(&f32::NAN.to_le_bytes());
         assert_eq!(decode(&nan), Err(GossipError::BadCoordinate));
+        // A non-finite coordinate inside an entry.
+        let entry_coord = envelope_header_len(8) + 1 + 6 + 8;
+        let mut inf = good.clone();
+        inf[entry_coord..entry_coord + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        assert_eq!(decode(&inf), Err(GossipError::BadCoordinate));
+        let mut negative_height = good.clone();
+        let h = 3 + 4 * 10;
+        negative_height[h..h + 4].copy_from_slice(&(-1.0f32).to_le_bytes());
+        assert_eq!(decode(&negative_height), Err(GossipError::BadCoordinate));
         let mut zero_dim = good.clone();
         zero_dim[2] = 0;
         assert_eq!(decode(&zero_dim), Err(GossipError::BadCoordinate));
+        // Entries but no dimension.
         assert_eq!(
-            decode(&vec![1u8; MAX_DATAGRAM + 1]),
+            decode(&[ENVELOPE_VERSION, 0, 0, 0, 0, 0, 0, 1, 0]),
+            Err(GossipError::BadCoordinate)
+        );
+        let mut bad_utf8 = good.clone();
+        bad_utf8[envelope_header_len(8) + 1] = 0xff;
+        assert_eq!(decode(&bad_utf8), Err(GossipError::Truncated));
+        assert_eq!(
+            decode(&vec![ENVELOPE_VERSION; MAX_DATAGRAM + 1]),
             Err(GossipError::Oversized(MAX_DATAGRAM + 1))
         );
     }
 
     #[test]
-    fn coordinate_broadcasts_round_trip_and_newer_versions_win() {
-        let item = encode_broadcast("node-7", 42, &coord());
+    fn rumors_go_least_sent_first_and_newer_replace_older() {
+        let mut r = Rumors::new(3);
+        r.push(entry("a", 1));
+        r.push(entry("b", 1));
+        let one = entry_len("a", 8);
+        let take = |r: &mut Rumors, n: usize| {
+            let mut budget = one * n;
+            let mut out = Vec::new();
+            r.take(&mut budget, 8, &mut out);
+            out.into_iter()
+                .map(|e| (e.name, e.version))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(take(&mut r, 1), vec![("a".to_string(), 1)]);
+        // b has been sent less often than a now.
+        assert_eq!(take(&mut r, 1), vec![("b".to_string(), 1)]);
+        // A newer version of a restarts its count and replaces the old.
+        r.push(entry("a", 2));
         assert_eq!(
-            decode_broadcast(&item).unwrap(),
-            ("node-7".to_string(), 42, coord())
+            take(&mut r, 2),
+            vec![("a".to_string(), 2), ("b".to_string(), 1)]
         );
-        for cut in 0..item.len() {
-            assert!(decode_broadcast(&item[..cut]).is_err(), "cut at {cut}");
-        }
-        let mut h = CoordinateBroadcasts {
-            versions: HashMap::new(),
-            inbox: Inbox::default(),
-            dimensionality: 8,
-        };
-        assert!(h.receive_item(&item, None).unwrap().is_some());
-        // The same or an older version is not disseminated again.
-        assert!(h.receive_item(&item, None).unwrap().is_none());
-        assert!(
-            h.receive_item(&encode_broadcast("node-7", 41, &coord()), None)
-                .unwrap()
-                .is_none()
+        // Never the same item twice in one datagram, and each stops after
+        // its transmissions: a has 2 left, b has 1.
+        assert_eq!(
+            take(&mut r, 5),
+            vec![("a".to_string(), 2), ("b".to_string(), 1)]
         );
-        let newer = h
-            .receive_item(&encode_broadcast("node-7", 43, &coord()), None)
-            .unwrap()
-            .unwrap();
-        let older = BroadcastKey {
-            name: "node-7".into(),
-            version: 42,
-        };
-        assert!(newer.invalidates(&older));
-        assert!(!older.invalidates(&newer));
-        assert_eq!(h.inbox.0.lock().unwrap().len(), 2);
-        let mut wrong = coord();
-        wrong.vec.pop();
-        assert!(
-            h.receive_item(&encode_broadcast("x", 1, &wrong), None)
-                .is_err()
-        );
+        assert_eq!(take(&mut r, 5), vec![("a".to_string(), 2)]);
+        assert_eq!(take(&mut r, 5), vec![]);
+        assert_eq!(r.len(), 0);
+        r.push(entry("c", 1));
+        r.remove("c");
+        assert_eq!(take(&mut r, 5), vec![]);
     }
 
     #[test]

@@ -296,6 +296,14 @@ fn coordinate_endpoints_follow_consul() {
         http("GET", port, "/v1/coordinate/node/nope"),
         Some((404, String::new()))
     );
+    // A member's coordinate shows up once it has measured and published
+    // (404 until then, as in Consul).
+    assert!(eventually(Duration::from_secs(20), || http(
+        "GET",
+        port,
+        "/v1/coordinate/node/node-1"
+    )
+    .is_some_and(|(s, _)| s == 200)));
     let (status, body) = http("GET", port, "/v1/coordinate/node/node-1?pretty").unwrap();
     assert_eq!(status, 200);
     assert!(body.starts_with("[\n    {"), "{body}");

@@ -215,16 +215,18 @@ fn malformed_datagrams_are_dropped_and_counted() {
     let now = Duration::ZERO;
     assert!(g.handle_datagram(now, from, &[]).is_empty());
     assert!(
-        g.handle_datagram(now, from, &[9, 0, 0, 0, 0, 0, 0])
+        g.handle_datagram(now, from, &[9, 0, 0, 0, 0, 0, 0, 0])
             .is_empty()
     );
-    assert!(g.handle_datagram(now, from, &vec![1; 2000]).is_empty());
+    assert!(g.handle_datagram(now, from, &vec![2; 2000]).is_empty());
+    // A valid envelope (no coordinate, no entries) around garbage.
     assert!(
-        g.handle_datagram(now, from, &[1, 0, 0, 0, 0, 0, 0, 0xff, 0xfe])
+        g.handle_datagram(now, from, &[2, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xfe])
             .is_empty()
     );
-    let mut nan = vec![1u8, 1, 8];
-    nan.extend(std::iter::repeat_n(0xffu8, 8 * 11 + 4));
+    // A coordinate of all-ones bits: NaN.
+    let mut nan = vec![2u8, 1, 8];
+    nan.extend(std::iter::repeat_n(0xffu8, 4 * 11 + 4 + 1));
     assert!(g.handle_datagram(now, from, &nan).is_empty());
     let s = g.stats();
     assert_eq!(s.dropped_truncated, 1);
@@ -245,6 +247,48 @@ proptest! {
         // A datagram that is not a valid envelope never produces output.
         if decode(&bytes).is_err() {
             prop_assert!(outs.is_empty());
+        }
+    }
+}
+
+fn coordinate_strategy() -> impl Strategy<Value = tomo::vivaldi::Coordinate> {
+    // Values exact in f32 (the wire format): k / 2^16 seconds.
+    let v = || (-60_000i32..60_000).prop_map(|k| k as f64 / 65536.0);
+    let pos = || (0i32..60_000).prop_map(|k| k as f64 / 65536.0);
+    (proptest::collection::vec(v(), 8), pos(), v(), pos()).prop_map(|(vec, error, adj, height)| {
+        tomo::vivaldi::Coordinate {
+            vec: vec.into_iter().collect(),
+            error,
+            adjustment: adj,
+            height,
+        }
+    })
+}
+
+proptest! {
+    #[test]
+    fn envelopes_with_entries_round_trip(
+        coord in proptest::option::of(coordinate_strategy()),
+        hold_us in any::<u32>(),
+        entries in proptest::collection::vec(("[a-z0-9-]{0,40}", any::<u64>(), coordinate_strategy()), 0..6),
+        payload in proptest::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let env = tomo::gossip::Envelope {
+            coordinate: coord,
+            hold_us,
+            entries: entries
+                .into_iter()
+                .map(|(name, version, coordinate)| tomo::gossip::Entry { name, version, coordinate })
+                .collect(),
+        };
+        let bytes = tomo::gossip::encode(&env, &payload);
+        let (back, rest) = decode(&bytes).unwrap();
+        prop_assert_eq!(back, env);
+        prop_assert_eq!(rest, &payload[..]);
+        // Any strict prefix that cuts into the envelope is an error, never a panic.
+        let header = bytes.len() - payload.len();
+        for cut in 0..header {
+            prop_assert!(decode(&bytes[..cut]).is_err());
         }
     }
 }

@@ -71,7 +71,15 @@ fn cluster_joins_sees_everyone_and_coordinates_are_accurate() {
     assert!(num(m, "bytes_per_s_per_node") > 0.0);
     assert!(num(m, "table_coverage") > 0.99, "{m}");
     assert!(num(m, "table_staleness_s_p99") < 300.0, "{m}");
+    // What a node serves from its table is about as good as the engines'
+    // own coordinates.
+    assert!(num(m, "table_median_rel_err") < 0.25, "{m}");
+    assert!(num(m, "publications_per_min_per_node") > 0.0, "{m}");
     let r = &v["result"];
+    assert!(
+        num(m, "table_median_rel_err") < 2.0 * num(r, "median_rel_err") + 0.05,
+        "{m} {r}"
+    );
     assert_eq!(num(r, "pairs"), 435.0);
     assert!(num(r, "median_rel_err") < 0.2, "{r}");
     for k in [

@@ -44,8 +44,12 @@
 //!   every live node up;
 //! - **bytes per second per node**: bytes sent (`GossipStats::bytes_out`,
 //!   dropped datagrams included) / nodes / duration;
-//! - **table staleness**: at the end, the age of every live node's
-//!   coordinate-table entry for every other live member.
+//! - **table staleness**: at the end, for every live node's
+//!   coordinate-table entry about every other live member, how long it has
+//!   been out of date: 0 if it holds the member's latest publication, else
+//!   the time since the member published the first newer one (members
+//!   publish when their coordinate moves significantly); `table_coverage`
+//!   is the fraction of live pairs with an entry at all.
 //!
 //! Accuracy at the end comes from [`evaluate`] over the live nodes'
 //! published coordinates, so its keys and definitions are the round-based
@@ -63,7 +67,7 @@ use serde::Serialize;
 
 use super::{Evaluation, JitterMode, SimError, evaluate};
 use crate::dataset::{Matrix, Series, normal};
-use crate::gossip::{Event, Gossip, GossipConfig, Id, MAX_DATAGRAM, MAX_DIMENSIONS, Output};
+use crate::gossip::{Event, Gossip, GossipConfig, Id, MAX_DIMENSIONS, Output};
 use crate::stats::{mean, quantiles_unsorted};
 use crate::vivaldi::{self, Coordinate, Node};
 
@@ -280,14 +284,8 @@ impl GossipSimConfig {
         {
             p.frequency = p.frequency.mul_f64(s);
         }
-        let envelope = 3 + 8 * (self.engine.dimensionality + 3) + 4;
-        if let Some(size) = MAX_DATAGRAM
-            .checked_sub(envelope)
-            .and_then(std::num::NonZeroUsize::new)
-        {
-            f.max_packet_size = size;
-        }
         g.engine = self.engine.clone();
+        g.fit_packet();
         g
     }
 
@@ -442,18 +440,35 @@ pub struct Membership {
     pub bytes_per_s_per_node_max: f64,
     /// Mean over nodes of datagrams sent per second.
     pub datagrams_per_s_per_node: f64,
+    /// Coordinate publications (significant moves) per node per minute,
+    /// over the live nodes' current lives.
+    pub publications_per_min_per_node: f64,
+    /// Table changes (rumors) waiting to be piggybacked at the end, mean
+    /// over live nodes.
+    pub rumors_pending_mean: f64,
+    /// Table entries received per node per second that were newer than
+    /// the receiver's (live nodes, current lives).
+    pub entries_applied_per_s_per_node: f64,
     /// Mean over nodes of RTT samples fed to the engine.
     pub rtt_samples_per_node: f64,
     /// Fewest samples a node alive at the end took (this life).
     pub rtt_samples_per_node_min: u64,
-    /// Median age of live nodes' table entries for live members, s.
+    /// Median time live nodes' table entries for live members have been out
+    /// of date (0 while an entry is the latest publication), s.
     pub table_staleness_s_p50: Option<f64>,
-    /// 99th percentile age, s.
+    /// 99th percentile of the same, s.
     pub table_staleness_s_p99: Option<f64>,
-    /// Oldest entry, s.
+    /// Most out-of-date entry, s.
     pub table_staleness_s_max: Option<f64>,
     /// Share of live (observer, member) pairs with a table entry.
     pub table_coverage: f64,
+    /// Median relative error of the RTT estimates a node serves from its
+    /// table (its own published coordinate and its entry for the member,
+    /// what `/v1/coordinate` clients compute) against the dataset, over
+    /// live pairs with an entry (observers subsampled past 1M pairs).
+    pub table_median_rel_err: Option<f64>,
+    /// 99th percentile of the same.
+    pub table_p99_rel_err: Option<f64>,
     /// Datagram counters.
     pub network: NetStats,
     /// Events processed.
@@ -1278,7 +1293,7 @@ impl<'a> GossipSim<'a> {
             if !self.alive[obs] {
                 continue;
             }
-            for (id, state) in self.nodes[obs].membership() {
+            for (id, state) in self.nodes[obs].membership_iter() {
                 if state != State::Suspect {
                     continue;
                 }
@@ -1422,6 +1437,16 @@ impl<'a> GossipSim<'a> {
             }
         }
         let bytes_mean = mean(&rates);
+        let live_nodes: Vec<&Gossip> = (0..n)
+            .filter(|&i| self.alive[i])
+            .map(|i| &self.nodes[i])
+            .collect();
+        let per_live = |f: &dyn Fn(&Gossip) -> f64| {
+            mean(&live_nodes.iter().map(|g| f(g)).collect::<Vec<f64>>())
+        };
+        let publications_per_min = per_live(&|g| g.stats().publications as f64) / dur * 60.0;
+        let rumors_pending = per_live(&|g| g.pending_rumors() as f64);
+        let entries_applied = per_live(&|g| g.stats().entries_applied as f64) / dur;
         let q_rates = quantiles_unsorted(&mut rates, &[0.99, 1.0]);
         // Table staleness.
         let mut ages = Vec::new();
@@ -1435,7 +1460,14 @@ impl<'a> GossipSim<'a> {
                     && j != obs
                     && self.alive[j]
                 {
-                    ages.push(self.now.saturating_sub(e.updated).as_secs_f64());
+                    // Out of date since the member's first publication
+                    // newer than the entry; 0 while it is the latest.
+                    let pubs = self.nodes[j].publications();
+                    let next = pubs.partition_point(|p| p.0 <= e.version);
+                    let stale = pubs
+                        .get(next)
+                        .map_or(Duration::ZERO, |p| self.now.saturating_sub(p.1));
+                    ages.push(stale.as_secs_f64());
                 }
             }
         }
@@ -1446,6 +1478,27 @@ impl<'a> GossipSim<'a> {
             0.0
         };
         let q_age = quantiles_unsorted(&mut ages, &[0.5, 0.99, 1.0]);
+        let q_table = {
+            let stride = (self.live * self.live / 1_000_000).max(1);
+            let mut errs = Vec::new();
+            for (obs, g) in self.nodes.iter().enumerate().step_by(stride) {
+                if !self.alive[obs] {
+                    continue;
+                }
+                let own = g.engine().published();
+                for (name, e) in g.table() {
+                    let Some(j) = index_of_name(name).filter(|&j| j < n && j != obs) else {
+                        continue;
+                    };
+                    let truth = self.truth.at(obs, j);
+                    if self.alive[j] && truth > 0.0 {
+                        let est = own.distance_to(&e.coordinate) * 1000.0;
+                        errs.push((est - truth).abs() / truth);
+                    }
+                }
+            }
+            quantiles_unsorted(&mut errs, &[0.5, 0.99])
+        };
         let sampled = !self.suspicion_period.is_zero();
         let view_missing: u64 = (0..n)
             .filter(|&i| self.alive[i])
@@ -1484,6 +1537,9 @@ impl<'a> GossipSim<'a> {
             bytes_per_s_per_node_p99: q_rates[0],
             bytes_per_s_per_node_max: q_rates[1],
             datagrams_per_s_per_node: datagrams as f64 / n as f64 / dur,
+            publications_per_min_per_node: publications_per_min,
+            rumors_pending_mean: rumors_pending,
+            entries_applied_per_s_per_node: entries_applied,
             rtt_samples_per_node: samples as f64 / n as f64,
             rtt_samples_per_node_min: if min_samples == u64::MAX {
                 0
@@ -1494,6 +1550,8 @@ impl<'a> GossipSim<'a> {
             table_staleness_s_p99: opt(q_age[1]),
             table_staleness_s_max: opt(q_age[2]),
             table_coverage: coverage,
+            table_median_rel_err: opt(q_table[0]),
+            table_p99_rel_err: opt(q_table[1]),
             network: self.net,
             events: self.events,
         }
