@@ -24,7 +24,7 @@
 //! the `Ack(n)` that member returned: indirect probes and forwarded acks
 //! never produce samples.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
@@ -111,12 +111,19 @@ impl Identity for Id {
     }
 }
 
+/// The top bit of an entry's version marks a graceful leave: the member
+/// says goodbye (Consul's "left", status 3) rather than being found dead
+/// ("failed", status 4), which foca alone cannot tell apart. Versions are
+/// microseconds since the epoch, far below it.
+pub const LEFT: u64 = 1 << 63;
+
 /// One member's published coordinate as it travels between tables.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     /// The member's node name.
     pub name: String,
-    /// Its publication version (larger is newer; set by the member).
+    /// Its publication version (larger is newer; set by the member), with
+    /// [`LEFT`] set in the entry a member sends as it leaves.
     pub version: u64,
     /// The published coordinate.
     pub coordinate: Coordinate,
@@ -477,9 +484,19 @@ impl Rumors {
     }
 
     fn push(&mut self, e: Entry) {
+        self.push_at(e, false);
+    }
+
+    /// Queues `e` first in line if `urgent`, else last among the unsent.
+    fn push_at(&mut self, e: Entry, urgent: bool) {
         let top = (self.buckets.len() - 1) as u8;
         let generation = self.items.get(&e.name).map_or(0, |x| x.2.wrapping_add(1));
-        self.buckets[top as usize].push_back((e.name.clone(), generation));
+        let tag = (e.name.clone(), generation);
+        if urgent {
+            self.buckets[top as usize].push_front(tag);
+        } else {
+            self.buckets[top as usize].push_back(tag);
+        }
         self.items.insert(e.name.clone(), (e, top, generation));
     }
 
@@ -544,6 +561,10 @@ pub struct Gossip {
     /// up: while a cluster forms, a member's first publication often
     /// arrives before the news that it joined.
     early: HashMap<String, Entry>,
+    /// Members that left gracefully (until they come back up).
+    left: HashSet<String>,
+    /// We are leaving: publish nothing more.
+    leaving: bool,
     /// Anti-entropy: a shuffled snapshot of the table's names and a cursor.
     sweep: (Vec<String>, usize),
     /// Our last publication: when, and the coordinate.
@@ -647,6 +668,8 @@ impl Gossip {
             live: HashMap::new(),
             rumors: Rumors::new(cfg.rumor_transmissions.max(1)),
             early: HashMap::new(),
+            left: HashSet::new(),
+            leaving: false,
             sweep: (Vec::new(), 0),
             last_publish: None,
             publish_tokens: (PUBLISH_BURST, Duration::ZERO),
@@ -785,6 +808,7 @@ impl Gossip {
             match o {
                 Output::Event(Event::MemberUp(id)) => {
                     self.live.insert(id.name.clone(), id.clone());
+                    self.left.remove(&id.name);
                     early.extend(self.early.remove(&id.name));
                 }
                 Output::Event(Event::MemberDown(id)) => {
@@ -834,6 +858,19 @@ impl Gossip {
         let dim = self.engine.config().dimensionality;
         for e in entries {
             if &e.name == me || e.coordinate.vec.len() != dim {
+                continue;
+            }
+            if e.version & LEFT != 0 {
+                // A goodbye: remember it (bounded like `early`) and pass it
+                // on once. foca's own news of the leave usually came in the
+                // same datagram, so the member may already be gone.
+                let cap = 2 * self.live.len() + 64;
+                if !self.left.contains(&e.name) && self.left.len() < cap {
+                    self.left.insert(e.name.clone());
+                    self.table.remove(&e.name);
+                    self.early.remove(&e.name);
+                    self.rumors.push(e);
+                }
                 continue;
             }
             if !self.live.contains_key(&e.name) {
@@ -917,7 +954,7 @@ impl Gossip {
     /// moved significantly since the last publication.
     fn maybe_publish(&mut self, now: Duration) {
         // Nothing worth publishing before the first measurement.
-        if self.stats.rtt_samples == 0 {
+        if self.stats.rtt_samples == 0 || self.leaving {
             return;
         }
         let (tokens, filled) = self.publish_tokens;
@@ -993,8 +1030,24 @@ impl Gossip {
         self.finish(now, rt, None)
     }
 
-    /// Leaves the cluster gracefully.
+    /// True if `name` left the cluster gracefully (and has not come back).
+    pub fn has_left(&self, name: &str) -> bool {
+        self.left.contains(name)
+    }
+
+    /// Leaves the cluster gracefully: foca declares us down, and our
+    /// goodbye entry rides on the same datagrams so members report us as
+    /// left rather than failed.
     pub fn leave(&mut self, now: Duration) -> Vec<Output> {
+        self.leaving = true;
+        let version = self.publications.last().map_or(1, |p| p.0 + 1) | LEFT;
+        let me = self.foca.identity().name.clone();
+        let goodbye = Entry {
+            name: me,
+            version,
+            coordinate: self.engine.published().clone(),
+        };
+        self.rumors.push_at(goodbye, true);
         let mut rt = self.collect(now);
         let _ = self.foca.leave_cluster(&mut rt);
         self.finish(now, rt, None)

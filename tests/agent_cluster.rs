@@ -332,4 +332,16 @@ fn coordinate_endpoints_follow_consul() {
     );
     let v = json(port, "/v1/coordinate/node/ext").unwrap();
     assert_eq!(v[0]["Coord"]["Vec"][0], 0.01);
+
+    // A graceful leave is "left" (3) everywhere, not "failed" (4).
+    assert_eq!(
+        http("PUT", c.http[4], "/v1/agent/leave").map(|r| r.0),
+        Some(200)
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || (0..4)
+            .all(|i| c.statuses(i).contains(&("node-4".into(), 3)))),
+        "node-4 not reported left: {:?}",
+        (0..4).map(|i| c.statuses(i)).collect::<Vec<_>>()
+    );
 }

@@ -292,3 +292,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_graceful_leave_is_left_and_a_kill_is_failed() {
+    let n = 6;
+    let mut net = Net::new(n);
+    for i in 1..n {
+        let outs = net.nodes[i].announce(Duration::ZERO, net.addrs[0]);
+        net.apply(i, outs);
+    }
+    net.run_until(Duration::from_secs(120));
+    assert!((0..n).all(|i| net.nodes[i].members().count() == n - 1));
+    // node-5 leaves gracefully; node-4 dies at the same moment.
+    let outs = net.nodes[5].leave(Duration::from_secs(120));
+    assert!(
+        outs.iter().any(|o| matches!(o, Output::Send { .. })),
+        "the leave sends its news"
+    );
+    net.apply(5, outs);
+    net.run_until(Duration::from_secs(121));
+    net.alive[5] = false;
+    net.alive[4] = false;
+    net.run_until(Duration::from_secs(200));
+    for i in 0..4 {
+        let g = &net.nodes[i];
+        assert_eq!(g.members().count(), 3, "node {i}");
+        assert!(g.has_left("node-5"), "node {i} does not know node-5 left");
+        assert!(
+            !g.has_left("node-4"),
+            "node {i} thinks the dead node-4 left"
+        );
+        assert!(!g.table().contains_key("node-5"));
+    }
+}

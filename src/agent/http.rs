@@ -120,7 +120,12 @@ async fn members(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {
         let mut others = g.membership();
         others.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         for (id, state) in others {
-            let status = if state == foca::State::Down { 4 } else { 1 };
+            // Consul: 1 alive, 3 left, 4 failed.
+            let status = match state {
+                foca::State::Down if g.has_left(&id.name) => 3,
+                foca::State::Down => 4,
+                _ => 1,
+            };
             v.push(member(&id.name, id.addr, &s.datacenter, status));
         }
         v
