@@ -50,8 +50,9 @@ pub struct AgentArgs {
     /// Data directory (created if missing).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Configuration file (JSON: node_name, datacenter, bind_addr, client_addr,
-    /// ports.http, ports.serf_lan, start_join, retry_join).
+    /// Configuration file, JSON or HCL as Consul's (node_name, datacenter,
+    /// bind_addr, client_addr, ports.http, ports.serf_lan, start_join,
+    /// retry_join).
     #[arg(long)]
     config_file: Option<PathBuf>,
     /// Development mode: loopback addresses, no data directory needed.
@@ -140,16 +141,33 @@ fn parse_addrs(list: &[String], default_port: u16) -> Result<Vec<SocketAddr>> {
         .collect()
 }
 
-/// Fields of a JSON configuration file, applied under the flags.
-fn apply_config_file(a: &mut AgentArgs, path: &std::path::Path) -> Result<()> {
+/// Reads a Consul configuration file: HCL for `.hcl`, JSON for `.json`,
+/// and for any other name JSON first, then HCL.
+fn read_config_file(path: &std::path::Path) -> Result<Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let v: Value = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{}: only JSON configuration files are supported so far",
-            path.display()
-        )
-    })?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let hcl = |t: &str| -> Result<Value> {
+        hcl::from_str::<Value>(t).with_context(|| format!("{}: invalid HCL", path.display()))
+    };
+    match ext {
+        "hcl" => hcl(&text),
+        "json" => {
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+        }
+        _ => serde_json::from_str(&text).or_else(|_| {
+            hcl(&text).with_context(|| format!("{}: neither JSON nor HCL", path.display()))
+        }),
+    }
+}
+
+/// Fields of a configuration file (JSON or HCL, Consul's keys), applied
+/// under the flags.
+fn apply_config_file(a: &mut AgentArgs, path: &std::path::Path) -> Result<()> {
+    let v = read_config_file(path)?;
+    if !v.is_object() {
+        anyhow::bail!("{}: the configuration is not an object", path.display());
+    }
     if let Some(n) = v["node_name"].as_str() {
         a.node.get_or_insert(n.to_string());
     }
@@ -537,4 +555,71 @@ pub fn info(c: &ClientArgs) -> Result<()> {
     println!("coordinate:");
     println!("\t{}", v["Coord"]);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: AgentArgs,
+    }
+
+    fn args() -> AgentArgs {
+        Cli::parse_from(["agent"]).a
+    }
+
+    #[test]
+    fn config_files_in_hcl_and_json_set_the_same_fields() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let hcl = dir.path().join("agent.hcl");
+        std::fs::write(
+            &hcl,
+            r#"
+node_name  = "web-1"
+datacenter = "east"
+bind_addr  = "127.0.0.2"
+ports {
+  http     = 18500
+  serf_lan = 18301
+}
+retry_join = ["127.0.0.1:8301", "127.0.0.3:8301"]
+"#,
+        )
+        .unwrap();
+        let json = dir.path().join("agent.conf");
+        std::fs::write(
+            &json,
+            r#"{"node_name":"web-1","datacenter":"east","bind_addr":"127.0.0.2",
+                "ports":{"http":18500,"serf_lan":18301},
+                "retry_join":["127.0.0.1:8301","127.0.0.3:8301"]}"#,
+        )
+        .unwrap();
+        for path in [&hcl, &json] {
+            let mut a = args();
+            apply_config_file(&mut a, path).unwrap();
+            assert_eq!(a.node.as_deref(), Some("web-1"), "{}", path.display());
+            assert_eq!(a.datacenter, "east");
+            assert_eq!(a.bind, "127.0.0.2".parse::<IpAddr>().unwrap());
+            assert_eq!((a.http_port, a.serf_lan_port), (18500, 18301));
+            assert_eq!(a.retry_join, ["127.0.0.1:8301", "127.0.0.3:8301"]);
+        }
+        let bad = dir.path().join("bad.hcl");
+        std::fs::write(&bad, "node_name = \"unterminated").unwrap();
+        let err = format!("{:#}", apply_config_file(&mut args(), &bad).unwrap_err());
+        assert!(err.contains("invalid HCL"), "{err}");
+        let neither = dir.path().join("x.cfg");
+        std::fs::write(&neither, "{{{").unwrap();
+        let err = format!(
+            "{:#}",
+            apply_config_file(&mut args(), &neither).unwrap_err()
+        );
+        assert!(err.contains("neither JSON nor HCL"), "{err}");
+        let list = dir.path().join("list.json");
+        std::fs::write(&list, "[1]").unwrap();
+        assert!(apply_config_file(&mut args(), &list).is_err());
+    }
 }
