@@ -24,9 +24,10 @@
 //! the `Ack(n)` that member returned: indirect probes and forwarded acks
 //! never produce samples.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Arc;
 use std::time::Duration;
 
 use foca::{
@@ -34,7 +35,6 @@ use foca::{
     Runtime, Timer,
 };
 use rand::SeedableRng;
-use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -462,17 +462,72 @@ pub struct TableEntry {
     pub updated: Duration,
 }
 
+/// Every member's published coordinate. Entries live in a vector (the
+/// anti-entropy sweep walks it with a cursor, no copies) indexed by name;
+/// names are shared with the rumor queue. At thousands of members every
+/// node holds thousands of entries, so the layout matters: the simulator
+/// holds n² of them.
+#[derive(Default)]
+struct Table {
+    slots: Vec<(Arc<str>, TableEntry)>,
+    index: HashMap<Arc<str>, usize>,
+    /// Next slot the anti-entropy sweep sends.
+    cursor: usize,
+}
+
+impl Table {
+    fn get(&self, name: &str) -> Option<&TableEntry> {
+        self.index.get(name).map(|&i| &self.slots[i].1)
+    }
+
+    /// Inserts or replaces `name`'s entry; returns the shared name.
+    fn insert(&mut self, name: &str, e: TableEntry) -> Arc<str> {
+        if let Some(&i) = self.index.get(name) {
+            self.slots[i].1 = e;
+            return self.slots[i].0.clone();
+        }
+        let name: Arc<str> = Arc::from(name);
+        self.index.insert(name.clone(), self.slots.len());
+        self.slots.push((name.clone(), e));
+        name
+    }
+
+    fn remove(&mut self, name: &str) {
+        let Some(i) = self.index.remove(name) else {
+            return;
+        };
+        self.slots.swap_remove(i);
+        if let Some((moved, _)) = self.slots.get(i) {
+            self.index.insert(moved.clone(), i);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The next entry of the round-robin sweep, without advancing.
+    fn peek_sweep(&mut self) -> Option<&(Arc<str>, TableEntry)> {
+        if self.cursor >= self.slots.len() {
+            self.cursor = 0;
+        }
+        self.slots.get(self.cursor)
+    }
+}
+
 /// Fresh table changes waiting to be piggybacked, each sent a bounded
-/// number of times, the least-sent first (as foca's own update queue). At
-/// most one change per member is queued: a newer one replaces it.
+/// number of times, the least-sent first (as foca's own update queue). A
+/// rumor is a name: what is sent is the table's entry for it at that time
+/// (so a newer version simply replaces the older in flight), or the
+/// member's goodbye.
 #[derive(Default)]
 struct Rumors {
-    /// name → (entry, transmissions left, generation).
-    items: HashMap<String, (Entry, u8, u32)>,
+    /// name → (transmissions left, generation).
+    items: HashMap<Arc<str>, (u8, u32)>,
     /// `buckets[k]`: names with `k` transmissions left, oldest first,
     /// tagged with the generation they were queued under (stale tags are
     /// skipped: cheaper than removing from the middle).
-    buckets: Vec<VecDeque<(String, u32)>>,
+    buckets: Vec<VecDeque<(Arc<str>, u32)>>,
 }
 
 impl Rumors {
@@ -483,21 +538,18 @@ impl Rumors {
         }
     }
 
-    fn push(&mut self, e: Entry) {
-        self.push_at(e, false);
-    }
-
-    /// Queues `e` first in line if `urgent`, else last among the unsent.
-    fn push_at(&mut self, e: Entry, urgent: bool) {
+    /// Queues `name` (again) with every transmission ahead of it: first in
+    /// line if `urgent`, else last among the unsent.
+    fn push(&mut self, name: Arc<str>, urgent: bool) {
         let top = (self.buckets.len() - 1) as u8;
-        let generation = self.items.get(&e.name).map_or(0, |x| x.2.wrapping_add(1));
-        let tag = (e.name.clone(), generation);
+        let generation = self.items.get(&name).map_or(0, |x| x.1.wrapping_add(1));
+        let tag = (name.clone(), generation);
         if urgent {
             self.buckets[top as usize].push_front(tag);
         } else {
             self.buckets[top as usize].push_back(tag);
         }
-        self.items.insert(e.name.clone(), (e, top, generation));
+        self.items.insert(name, (top, generation));
     }
 
     fn remove(&mut self, name: &str) {
@@ -509,12 +561,19 @@ impl Rumors {
     }
 
     /// Takes the most-wanted changes that fit in `budget` bytes, counting
-    /// one transmission for each.
-    fn take(&mut self, budget: &mut usize, dim: usize, out: &mut Vec<Entry>) {
+    /// one transmission for each; `entry` turns a name into what to send
+    /// (`None`: nothing any more, the rumor is dropped).
+    fn take(
+        &mut self,
+        budget: &mut usize,
+        dim: usize,
+        mut entry: impl FnMut(&Arc<str>) -> Option<Entry>,
+        out: &mut Vec<Entry>,
+    ) {
         let mut demoted = Vec::new();
         'levels: for level in (1..self.buckets.len()).rev() {
             while let Some((name, generation)) = self.buckets[level].pop_front() {
-                let Some((e, left, g)) = self.items.get_mut(&name) else {
+                let Some((left, g)) = self.items.get_mut(&name) else {
                     continue;
                 };
                 if *g != generation || *left as usize != level {
@@ -525,8 +584,12 @@ impl Rumors {
                     self.buckets[level].push_front((name, generation));
                     break 'levels;
                 }
+                let Some(e) = entry(&name) else {
+                    self.items.remove(&name);
+                    continue;
+                };
                 *budget -= len;
-                out.push(e.clone());
+                out.push(e);
                 *left -= 1;
                 *g = g.wrapping_add(1);
                 if *left == 0 {
@@ -550,7 +613,7 @@ pub struct Gossip {
     /// Pings sent and not yet acked: (target address, probe number) → when.
     pending: HashMap<(SocketAddr, u8), Duration>,
     /// Every member's published coordinate, ours included.
-    table: HashMap<String, TableEntry>,
+    table: Table,
     /// Live members by name (from foca's notifications): a table entry is
     /// only accepted for one of them, so a departed node is not resurrected
     /// by a stale entry still travelling.
@@ -561,12 +624,11 @@ pub struct Gossip {
     /// up: while a cluster forms, a member's first publication often
     /// arrives before the news that it joined.
     early: HashMap<String, Entry>,
-    /// Members that left gracefully (until they come back up).
-    left: HashSet<String>,
+    /// Members that left gracefully (until they come back up), with the
+    /// goodbye we pass on.
+    left: HashMap<Arc<str>, Entry>,
     /// We are leaving: publish nothing more.
     leaving: bool,
-    /// Anti-entropy: a shuffled snapshot of the table's names and a cursor.
-    sweep: (Vec<String>, usize),
     /// Our last publication: when, and the coordinate.
     last_publish: Option<(Duration, Coordinate)>,
     /// Publication allowance (a token bucket of [`PUBLISH_BURST`] filled at
@@ -664,13 +726,12 @@ impl Gossip {
             foca,
             engine,
             pending: HashMap::new(),
-            table: HashMap::new(),
+            table: Table::default(),
             live: HashMap::new(),
             rumors: Rumors::new(cfg.rumor_transmissions.max(1)),
             early: HashMap::new(),
-            left: HashSet::new(),
+            left: HashMap::new(),
             leaving: false,
-            sweep: (Vec::new(), 0),
             last_publish: None,
             publish_tokens: (PUBLISH_BURST, Duration::ZERO),
             publications: Vec::new(),
@@ -692,9 +753,20 @@ impl Gossip {
         &self.engine
     }
 
-    /// Every member's last known published coordinate (ours included).
-    pub fn table(&self) -> &HashMap<String, TableEntry> {
-        &self.table
+    /// Every member's last known published coordinate (ours included),
+    /// in no particular order.
+    pub fn table(&self) -> impl Iterator<Item = (&str, &TableEntry)> {
+        self.table.slots.iter().map(|(n, e)| (&**n, e))
+    }
+
+    /// `name`'s entry in the coordinate table.
+    pub fn table_entry(&self, name: &str) -> Option<&TableEntry> {
+        self.table.get(name)
+    }
+
+    /// Entries in the coordinate table (ours included).
+    pub fn table_len(&self) -> usize {
+        self.table.len()
     }
 
     /// Our coordinate publications, (version, when), oldest first.
@@ -729,7 +801,7 @@ impl Gossip {
         }
         let version = self.table.get(&name).map_or(0, |e| e.version);
         self.table.insert(
-            name,
+            &name,
             TableEntry {
                 coordinate: c,
                 version,
@@ -808,7 +880,7 @@ impl Gossip {
             match o {
                 Output::Event(Event::MemberUp(id)) => {
                     self.live.insert(id.name.clone(), id.clone());
-                    self.left.remove(&id.name);
+                    self.left.remove(id.name.as_str());
                     early.extend(self.early.remove(&id.name));
                 }
                 Output::Event(Event::MemberDown(id)) => {
@@ -865,11 +937,12 @@ impl Gossip {
                 // on once. foca's own news of the leave usually came in the
                 // same datagram, so the member may already be gone.
                 let cap = 2 * self.live.len() + 64;
-                if !self.left.contains(&e.name) && self.left.len() < cap {
-                    self.left.insert(e.name.clone());
+                if !self.left.contains_key(e.name.as_str()) && self.left.len() < cap {
+                    let name: Arc<str> = Arc::from(e.name.as_str());
                     self.table.remove(&e.name);
                     self.early.remove(&e.name);
-                    self.rumors.push(e);
+                    self.left.insert(name.clone(), e);
+                    self.rumors.push(name, false);
                 }
                 continue;
             }
@@ -897,15 +970,15 @@ impl Gossip {
                 continue;
             }
             self.stats.entries_applied += 1;
-            self.table.insert(
-                e.name.clone(),
+            let name = self.table.insert(
+                &e.name,
                 TableEntry {
-                    coordinate: e.coordinate.clone(),
+                    coordinate: e.coordinate,
                     version: e.version,
                     updated: now,
                 },
             );
-            self.rumors.push(e);
+            self.rumors.push(name, false);
         }
     }
 
@@ -914,38 +987,45 @@ impl Gossip {
     fn pick_entries(&mut self, dim: usize) -> Vec<Entry> {
         let mut budget = ENTRY_BUDGET;
         let mut out = Vec::new();
-        self.rumors.take(&mut budget, dim, &mut out);
-        let mut swept = 0;
+        let (table, left) = (&self.table, &self.left);
+        self.rumors.take(
+            &mut budget,
+            dim,
+            |name| {
+                if let Some(goodbye) = left.get(name) {
+                    return Some(goodbye.clone());
+                }
+                table.get(name).map(|t| Entry {
+                    name: name.to_string(),
+                    version: t.version,
+                    coordinate: t.coordinate.clone(),
+                })
+            },
+            &mut out,
+        );
         // Each table entry is looked at no more than once per datagram.
+        let mut swept = 0;
         let mut looked = 0;
         while swept < MAX_ANTI_ENTROPY && looked < self.table.len() {
-            if self.sweep.1 >= self.sweep.0.len() {
-                let mut names: Vec<String> = self.table.keys().cloned().collect();
-                names.sort_unstable();
-                names.shuffle(&mut self.rng);
-                self.sweep = (names, 0);
-            }
-            let name = &self.sweep.0[self.sweep.1];
+            let Some((name, t)) = self.table.peek_sweep() else {
+                break;
+            };
             let len = entry_len(name, dim);
             if len > budget {
-                // Full: this name goes first next time.
+                // Full: this one goes first next time.
                 break;
             }
-            self.sweep.1 += 1;
             looked += 1;
-            let Some(t) = self.table.get(name) else {
-                continue;
-            };
-            if out.iter().any(|e| &e.name == name) {
-                continue;
+            if !out.iter().any(|e| *e.name == **name) {
+                budget -= len;
+                swept += 1;
+                out.push(Entry {
+                    name: name.to_string(),
+                    version: t.version,
+                    coordinate: t.coordinate.clone(),
+                });
             }
-            budget -= len;
-            swept += 1;
-            out.push(Entry {
-                name: name.clone(),
-                version: t.version,
-                coordinate: t.coordinate.clone(),
-            });
+            self.table.cursor += 1;
         }
         out
     }
@@ -981,20 +1061,15 @@ impl Gossip {
         let ours = ours.clone();
         let clock = (self.epoch + now).as_micros().min(u64::MAX as u128) as u64;
         let version = clock.max(self.publications.last().map_or(0, |p| p.0) + 1);
-        let me = self.foca.identity().name.clone();
-        self.table.insert(
-            me.clone(),
+        let me = self.table.insert(
+            &self.foca.identity().name,
             TableEntry {
                 coordinate: ours.clone(),
                 version,
                 updated: now,
             },
         );
-        self.rumors.push(Entry {
-            name: me,
-            version,
-            coordinate: ours.clone(),
-        });
+        self.rumors.push(me, false);
         self.publications.push((version, now));
         self.stats.publications += 1;
         self.last_publish = Some((now, ours));
@@ -1032,7 +1107,7 @@ impl Gossip {
 
     /// True if `name` left the cluster gracefully (and has not come back).
     pub fn has_left(&self, name: &str) -> bool {
-        self.left.contains(name)
+        self.left.contains_key(name)
     }
 
     /// Leaves the cluster gracefully: foca declares us down, and our
@@ -1047,7 +1122,9 @@ impl Gossip {
             version,
             coordinate: self.engine.published().clone(),
         };
-        self.rumors.push_at(goodbye, true);
+        let name: Arc<str> = Arc::from(goodbye.name.as_str());
+        self.left.insert(name.clone(), goodbye);
+        self.rumors.push(name, true);
         let mut rt = self.collect(now);
         let _ = self.foca.leave_cluster(&mut rt);
         self.finish(now, rt, None)
@@ -1254,40 +1331,88 @@ mod tests {
     }
 
     #[test]
-    fn rumors_go_least_sent_first_and_newer_replace_older() {
+    fn rumors_go_least_sent_first_and_send_the_current_entry() {
         let mut r = Rumors::new(3);
-        r.push(entry("a", 1));
-        r.push(entry("b", 1));
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
+        r.push(a.clone(), false);
+        r.push(b.clone(), false);
         let one = entry_len("a", 8);
-        let take = |r: &mut Rumors, n: usize| {
+        // What is sent is looked up at send time: version 1, later 2.
+        let mut versions: HashMap<String, u64> = HashMap::from([("a".into(), 1), ("b".into(), 1)]);
+        let take = |r: &mut Rumors, versions: &HashMap<String, u64>, n: usize| {
             let mut budget = one * n;
             let mut out = Vec::new();
-            r.take(&mut budget, 8, &mut out);
+            r.take(
+                &mut budget,
+                8,
+                |name| versions.get(&**name).map(|&v| entry(name, v)),
+                &mut out,
+            );
             out.into_iter()
                 .map(|e| (e.name, e.version))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(take(&mut r, 1), vec![("a".to_string(), 1)]);
+        let ab = |va, vb| vec![("a".to_string(), va), ("b".to_string(), vb)];
+        assert_eq!(take(&mut r, &versions, 1), vec![("a".to_string(), 1)]);
         // b has been sent less often than a now.
-        assert_eq!(take(&mut r, 1), vec![("b".to_string(), 1)]);
-        // A newer version of a restarts its count and replaces the old.
-        r.push(entry("a", 2));
-        assert_eq!(
-            take(&mut r, 2),
-            vec![("a".to_string(), 2), ("b".to_string(), 1)]
-        );
-        // Never the same item twice in one datagram, and each stops after
+        assert_eq!(take(&mut r, &versions, 1), vec![("b".to_string(), 1)]);
+        // A newer version of a restarts its count.
+        versions.insert("a".into(), 2);
+        r.push(a.clone(), false);
+        assert_eq!(take(&mut r, &versions, 2), ab(2, 1));
+        // Never the same name twice in one datagram, and each stops after
         // its transmissions: a has 2 left, b has 1.
-        assert_eq!(
-            take(&mut r, 5),
-            vec![("a".to_string(), 2), ("b".to_string(), 1)]
-        );
-        assert_eq!(take(&mut r, 5), vec![("a".to_string(), 2)]);
-        assert_eq!(take(&mut r, 5), vec![]);
+        assert_eq!(take(&mut r, &versions, 5), ab(2, 1));
+        assert_eq!(take(&mut r, &versions, 5), vec![("a".to_string(), 2)]);
+        assert_eq!(take(&mut r, &versions, 5), vec![]);
         assert_eq!(r.len(), 0);
-        r.push(entry("c", 1));
+        // Removed, or gone from the table: dropped.
+        r.push(c.clone(), false);
         r.remove("c");
-        assert_eq!(take(&mut r, 5), vec![]);
+        r.push(b.clone(), false);
+        versions.remove("b");
+        assert_eq!(take(&mut r, &versions, 5), vec![]);
+        assert_eq!(r.len(), 0);
+        // Urgent goes first.
+        r.push(a.clone(), false);
+        r.push(b.clone(), true);
+        versions.insert("b".into(), 7);
+        assert_eq!(take(&mut r, &versions, 1), vec![("b".to_string(), 7)]);
+    }
+
+    #[test]
+    fn the_table_sweeps_every_entry_and_survives_removals() {
+        let mut t = Table::default();
+        let e = |v| TableEntry {
+            coordinate: coord(),
+            version: v,
+            updated: Duration::ZERO,
+        };
+        for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
+            t.insert(name, e(i as u64));
+        }
+        t.insert("b", e(9));
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.get("b").unwrap().version, 9);
+        t.remove("a");
+        t.remove("zz");
+        assert_eq!(t.len(), 3);
+        assert!(t.get("a").is_none());
+        for name in ["b", "c", "d"] {
+            assert!(t.get(name).is_some(), "{name} lost its index");
+        }
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let name = t.peek_sweep().unwrap().0.to_string();
+            t.cursor += 1;
+            seen.push(name);
+        }
+        let mut first: Vec<_> = seen[..3].to_vec();
+        first.sort();
+        assert_eq!(first, ["b", "c", "d"]);
+        assert_eq!(seen[..3], seen[3..]);
+        let mut empty = Table::default();
+        assert!(empty.peek_sweep().is_none());
     }
 
     #[test]

@@ -168,9 +168,8 @@ fn coordinate_table(s: &Shared) -> Vec<CoordEntry> {
     let g = s.gossip.lock().expect("not poisoned");
     let mut v: Vec<CoordEntry> = g
         .table()
-        .iter()
         .map(|(name, e)| CoordEntry {
-            node: name.clone(),
+            node: name.to_string(),
             segment: String::new(),
             coord: e.coordinate.clone(),
         })
