@@ -238,6 +238,11 @@ struct SimArgs {
     /// gossip: node i announces to node 0 at WINDOW·i/n [default: 1s].
     #[arg(long)]
     join_window: Option<String>,
+    /// gossip: start every node knowing every other alive (a formed cluster restored from
+    /// its members' snapshots), to measure the steady state of thousands of nodes without
+    /// the join storm.
+    #[arg(long)]
+    warm_start: bool,
     /// gossip: sample every node's membership for false suspicions this often, `off` to skip
     /// [default: every probe interval up to 1,000 nodes, (n/1000)² intervals above].
     #[arg(long)]
@@ -549,6 +554,7 @@ fn gossip_flags_given(a: &SimArgs) -> Vec<&'static str> {
         (!a.restart.is_empty(), "--restart"),
         (!a.partition.is_empty(), "--partition"),
         (a.join_window.is_some(), "--join-window"),
+        (a.warm_start, "--warm-start"),
         (a.suspicion_sample.is_some(), "--suspicion-sample"),
     ] {
         if given {
@@ -665,6 +671,7 @@ fn gossip_config(a: &SimArgs) -> Result<GossipSimConfig> {
         seed: a.seed,
         engine,
         join_window,
+        warm_start: a.warm_start,
         eval_every: probe_interval * a.eval_every as u32,
         suspicion_sample: match a.suspicion_sample.as_deref() {
             None => None,
@@ -782,6 +789,7 @@ fn run_gossip(input: &Input, cfg: GossipSimConfig, show_progress: bool) -> Resul
     p.insert("restarts".into(), node_times(&cfg.restarts, "at_s"));
     p.insert("partitions".into(), serde_json::to_value(&cfg.partitions)?);
     p.insert("join_window_s".into(), json!(secs_of(cfg.join_window)));
+    p.insert("warm_start".into(), json!(cfg.warm_start));
     p.insert("seed".into(), json!(cfg.seed));
     p.insert("dimensionality".into(), json!(cfg.engine.dimensionality));
     p.insert("profile".into(), json!(cfg.engine.profile));

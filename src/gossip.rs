@@ -31,8 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use foca::{
-    Config as FocaConfig, Foca, Identity, Message, NoCustomBroadcast, Notification, PostcardCodec,
-    Runtime, Timer,
+    Codec, Config as FocaConfig, Foca, Identity, Message, NoCustomBroadcast, Notification,
+    PostcardCodec, Runtime, Timer,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -353,7 +353,14 @@ impl GossipConfig {
     /// LAN defaults (1 s probes) for an expected cluster size, with the
     /// packet size shrunk by the envelope.
     pub fn lan(cluster_size: u32) -> Self {
-        let foca = FocaConfig::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
+        let mut foca = FocaConfig::new_lan(NonZeroU32::new(cluster_size.max(1)).expect("non-zero"));
+        // foca's suspicion lasts 4·log10(n) probe periods, fixed: 6 s at 30
+        // members. memberlist's Lifeguard starts a lone suspicion at six
+        // times that and shortens it as others confirm; foca has no
+        // confirmations, so small clusters get a floor instead: a member
+        // wrongly suspected by one slow node (its acks come late) needs the
+        // time to hear of it and refute.
+        foca.suspect_to_down_after = foca.suspect_to_down_after.max(SUSPICION_MIN);
         // A third of foca's count for membership updates (4·log10 n):
         // a table entry that misses a node is repaired by anti-entropy,
         // a missed membership change is not.
@@ -436,6 +443,9 @@ pub struct GossipStats {
     pub dropped_coordinate: u64,
     /// Datagrams dropped: foca could not decode or refused the payload.
     pub dropped_payload: u64,
+    /// `TurnUndead` messages dropped as stale (see
+    /// [`Gossip::handle_datagram`]).
+    pub dropped_turn_undead: u64,
     /// RTT samples fed to the engine.
     pub rtt_samples: u64,
     /// Samples the engine rejected.
@@ -444,8 +454,7 @@ pub struct GossipStats {
     pub entries_applied: u64,
     /// Table entries received that we already had (or older).
     pub entries_stale: u64,
-    /// Table entries about nodes that are not (or not yet) members (kept
-    /// aside, bounded, until they come up).
+    /// Table entries about nodes that are not (or not yet) members.
     pub entries_unknown: u64,
     /// Our own coordinate publications.
     pub publications: u64,
@@ -560,12 +569,14 @@ impl Rumors {
         self.items.len()
     }
 
-    /// Takes the most-wanted changes that fit in `budget` bytes, counting
+    /// Takes the most-wanted changes (at most `max` in `out`) that fit in
+    /// `budget` bytes, counting
     /// one transmission for each; `entry` turns a name into what to send
     /// (`None`: nothing any more, the rumor is dropped).
     fn take(
         &mut self,
         budget: &mut usize,
+        max: usize,
         dim: usize,
         mut entry: impl FnMut(&Arc<str>) -> Option<Entry>,
         out: &mut Vec<Entry>,
@@ -580,7 +591,7 @@ impl Rumors {
                     continue;
                 }
                 let len = entry_len(&name, dim);
-                if len > *budget {
+                if len > *budget || out.len() >= max {
                     self.buckets[level].push_front((name, generation));
                     break 'levels;
                 }
@@ -620,10 +631,6 @@ pub struct Gossip {
     live: HashMap<String, Id>,
     /// Fresh table changes to piggyback.
     rumors: Rumors,
-    /// Entries about nodes not (yet) known as members, applied if they come
-    /// up: while a cluster forms, a member's first publication often
-    /// arrives before the news that it joined.
-    early: HashMap<String, Entry>,
     /// Members that left gracefully (until they come back up), with the
     /// goodbye we pass on.
     left: HashMap<Arc<str>, Entry>,
@@ -631,14 +638,24 @@ pub struct Gossip {
     leaving: bool,
     /// Our last publication: when, and the coordinate.
     last_publish: Option<(Duration, Coordinate)>,
+    /// Our incarnation as last seen on our own headers, and when it last
+    /// went up (we refuted a suspicion).
+    incarnation: u16,
+    refuted_at: Option<Duration>,
     /// Publication allowance (a token bucket of [`PUBLISH_BURST`] filled at
     /// one per [`Gossip::publish_interval`]) and when it was last filled.
     publish_tokens: (f64, Duration),
+    /// Entry allowance (a token bucket of [`ENTRY_BURST`] filled at
+    /// [`ENTRY_RATE`] per second) and when it was last filled.
+    entry_tokens: (f64, Duration),
     /// Our publications: (version, when), oldest first.
     publications: Vec<(u64, Duration)>,
     epoch: Duration,
     rumor_transmissions: u8,
     probe_period: Duration,
+    /// How long after refuting a suspicion a `TurnUndead` is taken for
+    /// foca's stale courtesy message (see [`Gossip::handle_datagram`]).
+    suspicion_window: Duration,
     stats: GossipStats,
     rng: ChaCha8Rng,
 }
@@ -648,6 +665,11 @@ pub struct Gossip {
 struct Collect {
     now: Duration,
     out: Vec<Output>,
+    /// Indices in `out` of the datagrams that are acks: only they carry
+    /// our coordinate (the prober's engine needs it; nobody else reads it).
+    acks_out: Vec<usize>,
+    /// Highest incarnation of ours seen on an outgoing header.
+    incarnation: u16,
     sent_pings: Vec<(SocketAddr, u8)>,
     acks: Vec<(SocketAddr, u8, String)>,
 }
@@ -663,8 +685,15 @@ impl Runtime<Id> for Collect {
             Notification::Idle => self.out.push(Output::Event(Event::Idle)),
             Notification::Active => self.out.push(Output::Event(Event::Active)),
             Notification::DataSent(h) => {
-                if let Message::Ping(n) = h.message {
-                    self.sent_pings.push((h.dst.addr, n));
+                self.incarnation = self.incarnation.max(h.src_incarnation);
+                match h.message {
+                    Message::Ping(n) => self.sent_pings.push((h.dst.addr, n)),
+                    // foca notifies right after `send_to`: the ack is the
+                    // last datagram out.
+                    Message::Ack(_) if matches!(self.out.last(), Some(Output::Send { .. })) => {
+                        self.acks_out.push(self.out.len() - 1)
+                    }
+                    _ => {}
                 }
             }
             Notification::DataReceived(h) => {
@@ -702,6 +731,13 @@ const PUBLISH_MOVE_MIN: f64 = 0.5e-3;
 /// average (about 400 B/s; [`ENTRY_BUDGET`] at two datagrams per second
 /// carries twice that, leaving room for anti-entropy and bursts).
 pub const RUMOR_ENTRIES_PER_S: f64 = 6.0;
+/// The shortest suspicion at 1 s probes (scaled with the probe period).
+pub const SUSPICION_MIN: Duration = Duration::from_secs(10);
+
+/// Entries a node sends per second at most (rumors and anti-entropy).
+pub const ENTRY_RATE: f64 = 10.0;
+/// Entries a node may save up for one datagram.
+const ENTRY_BURST: f64 = 8.0;
 /// Publications a node may make back to back (at the floor interval)
 /// before the cluster-size interval applies: coordinates move most while
 /// a node converges.
@@ -729,11 +765,14 @@ impl Gossip {
             table: Table::default(),
             live: HashMap::new(),
             rumors: Rumors::new(cfg.rumor_transmissions.max(1)),
-            early: HashMap::new(),
             left: HashMap::new(),
             leaving: false,
             last_publish: None,
+            incarnation: 0,
+            refuted_at: None,
+            suspicion_window: cfg.foca.suspect_to_down_after + 2 * cfg.foca.probe_period,
             publish_tokens: (PUBLISH_BURST, Duration::ZERO),
+            entry_tokens: (ENTRY_BURST, Duration::ZERO),
             publications: Vec::new(),
             epoch: cfg.epoch,
             rumor_transmissions: cfg.rumor_transmissions.max(1),
@@ -830,10 +869,35 @@ impl Gossip {
             .map(|m| (m.id(), m.state()))
     }
 
+    /// True for a `TurnUndead` ("you are down") that is foca 2.0.0's
+    /// stale courtesy message: when a suspicion timer fires, foca checks
+    /// that the suspect has not refuted before declaring it down, but sends
+    /// `TurnUndead` either way, and the refuted member would rejoin under a
+    /// new identity (with 5% loss, a needless rejoin per node every few
+    /// minutes and kilobytes per second of membership churn). So one that
+    /// arrives within a suspicion period of our last refutation is
+    /// dropped. Had the sender really declared us down, its Down update
+    /// about us still reaches us by gossip and we rejoin then; after a
+    /// restart or a healed partition (no recent refutation) it passes.
+    fn stale_turn_undead(&self, now: Duration, payload: &[u8]) -> bool {
+        let Some(refuted) = self.refuted_at else {
+            return false;
+        };
+        if now.saturating_sub(refuted) > self.suspicion_window {
+            return false;
+        }
+        matches!(
+            Codec::<Id>::decode_header(&mut PostcardCodec, payload),
+            Ok(h) if h.message == Message::TurnUndead && &h.dst == self.foca.identity()
+        )
+    }
+
     fn collect(&self, now: Duration) -> Collect {
         Collect {
             now,
             out: Vec::new(),
+            acks_out: Vec::new(),
+            incarnation: self.incarnation,
             sent_pings: Vec::new(),
             acks: Vec::new(),
         }
@@ -849,6 +913,10 @@ impl Gossip {
         mut rt: Collect,
         incoming: Option<Envelope>,
     ) -> Vec<Output> {
+        if rt.incarnation > self.incarnation {
+            self.incarnation = rt.incarnation;
+            self.refuted_at = Some(now);
+        }
         for p in rt.sent_pings.drain(..) {
             self.pending.insert(p, now);
         }
@@ -875,13 +943,11 @@ impl Gossip {
             self.pending
                 .retain(|_, t| now.saturating_sub(*t) < PENDING_TTL);
         }
-        let mut early = Vec::new();
         for o in &rt.out {
             match o {
                 Output::Event(Event::MemberUp(id)) => {
                     self.live.insert(id.name.clone(), id.clone());
                     self.left.remove(id.name.as_str());
-                    early.extend(self.early.remove(&id.name));
                 }
                 Output::Event(Event::MemberDown(id)) => {
                     // A rename (newer identity, same name) may have come up
@@ -891,13 +957,9 @@ impl Gossip {
                         self.table.remove(&id.name);
                         self.rumors.remove(&id.name);
                     }
-                    self.early.remove(&id.name);
                 }
                 _ => {}
             }
-        }
-        if !early.is_empty() {
-            self.apply_entries(now, early);
         }
         if let Some(env) = incoming {
             self.apply_entries(now, env.entries);
@@ -905,11 +967,11 @@ impl Gossip {
         self.maybe_publish(now);
         let dim = self.engine.config().dimensionality;
         let ours = self.engine.coordinate().clone();
-        for o in &mut rt.out {
+        for (k, o) in rt.out.iter_mut().enumerate() {
             if let Output::Send { bytes, .. } = o {
-                let entries = self.pick_entries(dim);
+                let entries = self.pick_entries(now, dim);
                 let env = Envelope {
-                    coordinate: Some(ours.clone()),
+                    coordinate: rt.acks_out.contains(&k).then(|| ours.clone()),
                     // We answer within this call: nothing was held (the
                     // driver rewrites it with `set_hold` if it knows better).
                     hold_us: 0,
@@ -933,32 +995,22 @@ impl Gossip {
                 continue;
             }
             if e.version & LEFT != 0 {
-                // A goodbye: remember it (bounded like `early`) and pass it
+                // A goodbye: remember it (bounded) and pass it
                 // on once. foca's own news of the leave usually came in the
                 // same datagram, so the member may already be gone.
                 let cap = 2 * self.live.len() + 64;
                 if !self.left.contains_key(e.name.as_str()) && self.left.len() < cap {
                     let name: Arc<str> = Arc::from(e.name.as_str());
                     self.table.remove(&e.name);
-                    self.early.remove(&e.name);
                     self.left.insert(name.clone(), e);
                     self.rumors.push(name, false);
                 }
                 continue;
             }
             if !self.live.contains_key(&e.name) {
+                // Not a member we know (yet): anti-entropy brings the
+                // entry again once it is.
                 self.stats.entries_unknown += 1;
-                // Bounded: a flood of made-up names cannot grow it past
-                // twice the cluster we know.
-                let cap = 2 * self.live.len() + 64;
-                if self
-                    .early
-                    .get(&e.name)
-                    .is_none_or(|x| x.version < e.version)
-                    && (self.early.len() < cap || self.early.contains_key(&e.name))
-                {
-                    self.early.insert(e.name.clone(), e);
-                }
                 continue;
             }
             if self
@@ -984,12 +1036,21 @@ impl Gossip {
 
     /// Entries for one outgoing datagram: fresh changes first, then up to
     /// [`MAX_ANTI_ENTROPY`] table entries taken round-robin.
-    fn pick_entries(&mut self, dim: usize) -> Vec<Entry> {
+    fn pick_entries(&mut self, now: Duration, dim: usize) -> Vec<Entry> {
+        // The entry allowance: ENTRY_RATE per second, at most a datagram's
+        // worth saved up. foca sends far more datagrams while membership
+        // changes are pending (gossip to three members five times a
+        // second); the table must not ride on all of them.
+        let (tokens, filled) = self.entry_tokens;
+        let tokens =
+            (tokens + now.saturating_sub(filled).as_secs_f64() * ENTRY_RATE).min(ENTRY_BURST);
+        let max = tokens.floor() as usize;
         let mut budget = ENTRY_BUDGET;
         let mut out = Vec::new();
         let (table, left) = (&self.table, &self.left);
         self.rumors.take(
             &mut budget,
+            max,
             dim,
             |name| {
                 if let Some(goodbye) = left.get(name) {
@@ -1006,7 +1067,7 @@ impl Gossip {
         // Each table entry is looked at no more than once per datagram.
         let mut swept = 0;
         let mut looked = 0;
-        while swept < MAX_ANTI_ENTROPY && looked < self.table.len() {
+        while swept < MAX_ANTI_ENTROPY && out.len() < max && looked < self.table.len() {
             let Some((name, t)) = self.table.peek_sweep() else {
                 break;
             };
@@ -1027,6 +1088,7 @@ impl Gossip {
             }
             self.table.cursor += 1;
         }
+        self.entry_tokens = (tokens - out.len() as f64, now);
         out
     }
 
@@ -1110,6 +1172,24 @@ impl Gossip {
         self.left.contains_key(name)
     }
 
+    /// Starts from a known membership (every id alive) without announcing
+    /// or broadcasting it, as foca's `apply_many` for a node restoring
+    /// what it knew: the simulator's warm start (a formed cluster without
+    /// the join storm), or a restart from a snapshot of the members.
+    pub fn restore(&mut self, now: Duration, members: impl IntoIterator<Item = Id>) -> Vec<Output> {
+        let mut rt = self.collect(now);
+        let me = self.foca.identity().clone();
+        let _ = self.foca.apply_many(
+            members
+                .into_iter()
+                .filter(|id| id.addr != me.addr)
+                .map(foca::Member::alive),
+            false,
+            &mut rt,
+        );
+        self.finish(now, rt, None)
+    }
+
     /// Leaves the cluster gracefully: foca declares us down, and our
     /// goodbye entry rides on the same datagrams so members report us as
     /// left rather than failed.
@@ -1138,7 +1218,8 @@ impl Gossip {
     }
 
     /// Handles a datagram from `from`. Malformed datagrams are dropped and
-    /// counted, never a panic.
+    /// counted, never a panic; so is foca's stale `TurnUndead` after a
+    /// suspicion we refuted (see `stale_turn_undead`).
     pub fn handle_datagram(
         &mut self,
         now: Duration,
@@ -1166,6 +1247,10 @@ impl Gossip {
                 .is_some_and(|e| e.coordinate.vec.len() != dim)
         {
             self.stats.dropped_coordinate += 1;
+            return Vec::new();
+        }
+        if self.stale_turn_undead(now, payload) {
+            self.stats.dropped_turn_undead += 1;
             return Vec::new();
         }
         let mut rt = self.collect(now);
@@ -1344,6 +1429,7 @@ mod tests {
             let mut out = Vec::new();
             r.take(
                 &mut budget,
+                usize::MAX,
                 8,
                 |name| versions.get(&**name).map(|&v| entry(name, v)),
                 &mut out,

@@ -232,6 +232,10 @@ pub struct GossipSimConfig {
     pub engine: vivaldi::Config,
     /// Node `i` joins at `join_window · i / n`.
     pub join_window: Duration,
+    /// Instead of announcing, node `i` starts (at the same time) knowing
+    /// every node alive (foca's `apply_many`, no broadcast): a formed
+    /// cluster's steady state without the n-node join storm.
+    pub warm_start: bool,
     /// Record accuracy every this much simulated time (zero: only at the end).
     pub eval_every: Duration,
     /// Sample every node's membership for suspicions this often; `None`:
@@ -255,6 +259,7 @@ impl Default for GossipSimConfig {
             seed: 1,
             engine: vivaldi::Config::tomo(),
             join_window: Duration::from_secs(1),
+            warm_start: false,
             eval_every: Duration::ZERO,
             suspicion_sample: None,
         }
@@ -264,7 +269,7 @@ impl Default for GossipSimConfig {
 impl GossipSimConfig {
     /// The nodes' configuration for `n` nodes: foca's LAN profile for that
     /// cluster size with every period scaled by `probe_interval / 1 s`
-    /// (probe RTT = half the interval, suspicion = max(1, log10 n) · 4
+    /// (probe RTT = half the interval, suspicion = max(10, 4 · log10 n)
     /// intervals, gossip every 0.2, announce every 30, announce to down
     /// members every 65), and this run's engine.
     pub fn gossip_config(&self, n: usize) -> GossipConfig {
@@ -438,6 +443,9 @@ pub struct Membership {
     pub bytes_per_s_per_node_p99: f64,
     /// Busiest node.
     pub bytes_per_s_per_node_max: f64,
+    /// Mean over nodes of bytes sent per second in the run's second half
+    /// (a cluster's steady state, once the join has settled).
+    pub bytes_per_s_per_node_second_half: Option<f64>,
     /// Mean over nodes of datagrams sent per second.
     pub datagrams_per_s_per_node: f64,
     /// Coordinate publications (significant moves) per node per minute,
@@ -498,6 +506,8 @@ enum Ev {
     PartitionEnd(usize),
     Sample,
     Eval,
+    /// Halfway: record what every node has sent so far.
+    Halfway,
 }
 
 /// A queue entry: the time and sequence number it is ordered by, and the
@@ -589,6 +599,8 @@ pub struct GossipSim<'a> {
     suspicion_samples: u64,
     suspicion_period: Duration,
     convergence: Vec<[f64; 2]>,
+    /// Bytes every node had sent halfway through the run.
+    halfway_bytes: Option<Vec<u64>>,
 }
 
 fn addr_of(i: usize) -> SocketAddr {
@@ -807,6 +819,7 @@ impl<'a> GossipSim<'a> {
             suspicion_samples: 0,
             suspicion_period,
             convergence: Vec::new(),
+            halfway_bytes: None,
             cfg,
         };
         sim.schedule_scenario();
@@ -815,7 +828,11 @@ impl<'a> GossipSim<'a> {
 
     fn schedule_scenario(&mut self) {
         let n = self.n;
-        for i in 1..n {
+        self.push(self.cfg.duration / 2, Ev::Halfway);
+        // Node 0 is the seed the others announce to; with a warm start it
+        // restores its membership like everyone else.
+        let first = usize::from(!self.cfg.warm_start);
+        for i in first..n {
             let at = self.cfg.join_window.mul_f64(i as f64 / n as f64);
             self.last_join = self.last_join.max(at);
             self.push(at, Ev::Join(i as u32));
@@ -882,6 +899,13 @@ impl<'a> GossipSim<'a> {
     /// Datagram counters so far.
     pub fn network(&self) -> NetStats {
         self.net
+    }
+
+    /// Bytes each node has sent, every life.
+    fn bytes_sent(&self) -> Vec<u64> {
+        (0..self.n)
+            .map(|i| self.nodes[i].stats().bytes_out + self.retired[i][0])
+            .collect()
     }
 
     fn push(&mut self, at: Duration, ev: Ev) {
@@ -982,6 +1006,9 @@ impl<'a> GossipSim<'a> {
                     self.push(next, Ev::Sample);
                 }
             }
+            Ev::Halfway => {
+                self.halfway_bytes = Some(self.bytes_sent());
+            }
             Ev::Eval => {
                 let ev = self.evaluate();
                 self.convergence
@@ -1000,6 +1027,16 @@ impl<'a> GossipSim<'a> {
     /// announce or feed would otherwise leave it out for good).
     fn join(&mut self, i: usize, life: u32) {
         if !self.alive[i] || self.life[i] != life {
+            return;
+        }
+        if self.cfg.warm_start && life == 0 {
+            let all = (0..self.n).map(|j| Id {
+                name: name_of(j),
+                addr: addr_of(j),
+                bump: 0,
+            });
+            let outs = self.nodes[i].restore(self.now, all);
+            self.apply(i, outs);
             return;
         }
         if self.nodes[i].members().next().is_none() {
@@ -1437,6 +1474,12 @@ impl<'a> GossipSim<'a> {
             }
         }
         let bytes_mean = mean(&rates);
+        let second_half = self.halfway_bytes.as_ref().map(|half| {
+            let now = self.bytes_sent();
+            let secs = dur - (self.cfg.duration / 2).as_secs_f64();
+            let total: u64 = now.iter().zip(half).map(|(a, b)| a - b).sum();
+            total as f64 / n as f64 / secs
+        });
         let live_nodes: Vec<&Gossip> = (0..n)
             .filter(|&i| self.alive[i])
             .map(|i| &self.nodes[i])
@@ -1536,6 +1579,7 @@ impl<'a> GossipSim<'a> {
             bytes_per_s_per_node: bytes_mean,
             bytes_per_s_per_node_p99: q_rates[0],
             bytes_per_s_per_node_max: q_rates[1],
+            bytes_per_s_per_node_second_half: second_half,
             datagrams_per_s_per_node: datagrams as f64 / n as f64 / dur,
             publications_per_min_per_node: publications_per_min,
             rumors_pending_mean: rumors_pending,
