@@ -1501,6 +1501,78 @@ mod tests {
         assert!(empty.peek_sweep().is_none());
     }
 
+    /// A foca message from `src` to `dst` with `updates`, in an envelope.
+    fn foca_datagram(
+        src: &Id,
+        dst: &Id,
+        message: Message<Id>,
+        updates: &[foca::Member<Id>],
+    ) -> Vec<u8> {
+        let mut payload = Vec::new();
+        let header = foca::Header {
+            src: src.clone(),
+            src_incarnation: 0,
+            dst: dst.clone(),
+            message,
+        };
+        Codec::<Id>::encode_header(&mut PostcardCodec, &header, &mut payload).unwrap();
+        if !updates.is_empty() {
+            payload.extend_from_slice(&(updates.len() as u16).to_be_bytes());
+            for m in updates {
+                Codec::<Id>::encode_member(&mut PostcardCodec, m, &mut payload).unwrap();
+            }
+        }
+        let env = Envelope {
+            coordinate: None,
+            hold_us: 0,
+            entries: vec![],
+        };
+        encode(&env, &payload)
+    }
+
+    #[test]
+    fn a_turn_undead_right_after_a_refutation_is_dropped_later_one_rejoins() {
+        let id = |k: u8| Id {
+            name: format!("n{k}"),
+            addr: format!("127.0.0.{k}:8301").parse().unwrap(),
+            bump: 0,
+        };
+        let (a, b) = (id(1), id(2));
+        let cfg = GossipConfig::lan(2);
+        let window = cfg.foca.suspect_to_down_after + 2 * cfg.foca.probe_period;
+        let mut g = Gossip::new(a.clone(), cfg, 7).unwrap();
+        let t0 = Duration::from_secs(1);
+        g.restore(t0, [b.clone()]);
+        assert_eq!(g.members().count(), 1);
+        let rejoined = |outs: &[Output]| {
+            outs.iter()
+                .any(|o| matches!(o, Output::Event(Event::Rejoined(_))))
+        };
+        // b gossips that it suspects us: we refute (incarnation 1).
+        let suspect = foca::Member::new(a.clone(), 0, foca::State::Suspect);
+        let outs = g.handle_datagram(
+            t0,
+            b.addr,
+            &foca_datagram(&b, &a, Message::Gossip, &[suspect]),
+        );
+        assert!(!outs.is_empty(), "the refutation is sent");
+        // b's suspicion timer fires and foca sends its courtesy TurnUndead
+        // although we refuted: dropped, no rejoin.
+        let turn_undead = foca_datagram(&b, &a, Message::TurnUndead, &[]);
+        let t1 = t0 + window / 2;
+        let outs = g.handle_datagram(t1, b.addr, &turn_undead);
+        assert!(!rejoined(&outs));
+        assert_eq!(g.stats().dropped_turn_undead, 1);
+        assert_eq!(g.identity().bump, 0);
+        // Long after any refutation, "you are down" is believed: we rejoin
+        // under a newer identity.
+        let t2 = t0 + window * 2;
+        let outs = g.handle_datagram(t2, b.addr, &turn_undead);
+        assert!(rejoined(&outs), "{outs:?}");
+        assert_eq!(g.identity().bump, 1);
+        assert_eq!(g.stats().dropped_turn_undead, 1);
+    }
+
     #[test]
     fn identities_win_by_newer_bump() {
         let a = Id {
