@@ -145,6 +145,9 @@ pub struct Shared {
     pub started: Instant,
     /// The link emulator, when datagrams are delayed in user space.
     pub link: Option<Arc<LinkEmulator>>,
+    /// Raised once the agent has left (`PUT /v1/agent/leave`): Consul's
+    /// agent then shuts down, and `tomo agent` does too.
+    pub left: tokio::sync::Notify,
     commands: mpsc::Sender<Command>,
 }
 
@@ -166,7 +169,10 @@ impl Shared {
             .send(Command::Leave(tx))
             .await
             .map_err(|_| AgentError::Stopped)?;
-        rx.await.map_err(|_| AgentError::Stopped)
+        rx.await.map_err(|_| AgentError::Stopped)?;
+        // A permit is stored if nobody waits yet.
+        self.left.notify_one();
+        Ok(())
     }
 }
 
@@ -208,6 +214,7 @@ impl Agent {
             started: Instant::now(),
             link: cfg.link.clone(),
             commands: tx,
+            left: tokio::sync::Notify::new(),
         });
         let listener =
             tokio::net::TcpListener::bind(cfg.http)

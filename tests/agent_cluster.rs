@@ -344,4 +344,13 @@ fn coordinate_endpoints_follow_consul() {
         "node-4 not reported left: {:?}",
         (0..4).map(|i| c.statuses(i)).collect::<Vec<_>>()
     );
+    // …and, as Consul's, the agent that left shuts down.
+    let mut c = c;
+    let child = c.children[4].as_mut().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || child
+            .try_wait()
+            .is_ok_and(|s| s.is_some_and(|s| s.success()))),
+        "the agent that left is still running"
+    );
 }

@@ -51,8 +51,8 @@ pub struct AgentArgs {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Configuration file, JSON or HCL as Consul's (node_name, datacenter,
-    /// bind_addr, client_addr, ports.http, ports.serf_lan, start_join,
-    /// retry_join).
+    /// data_dir, bind_addr, client_addr, ports.http, ports.serf_lan,
+    /// start_join, retry_join).
     #[arg(long)]
     config_file: Option<PathBuf>,
     /// Development mode: loopback addresses, no data directory needed.
@@ -180,6 +180,9 @@ fn apply_config_file(a: &mut AgentArgs, path: &std::path::Path) -> Result<()> {
     if let Some(c) = v["client_addr"].as_str() {
         a.client = c.parse().with_context(|| format!("client_addr {c:?}"))?;
     }
+    if let Some(d) = v["data_dir"].as_str() {
+        a.data_dir.get_or_insert(PathBuf::from(d));
+    }
     if let Some(p) = v["ports"]["http"].as_u64() {
         a.http_port = p as u16;
     }
@@ -279,9 +282,20 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
             "tomo agent {}: gossip on {}, HTTP on http://{} (log level {})",
             agent.shared.node, agent.gossip_addr, agent.http_addr, a.log_level
         );
-        wait_for_signal().await;
-        eprintln!("tomo agent: leaving");
-        agent.shutdown().await;
+        let shared = agent.shared.clone();
+        tokio::select! {
+            _ = wait_for_signal() => {
+                eprintln!("tomo agent: leaving");
+                agent.shutdown().await;
+            }
+            _ = shared.left.notified() => {
+                // Left through the API (`PUT /v1/agent/leave`): as Consul,
+                // shut down once the goodbye has gone out.
+                eprintln!("tomo agent: left the cluster, shutting down");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                agent.abort();
+            }
+        }
         Ok::<(), anyhow::Error>(())
     })
 }
@@ -581,6 +595,7 @@ mod tests {
             r#"
 node_name  = "web-1"
 datacenter = "east"
+data_dir   = "/var/lib/tomo"
 bind_addr  = "127.0.0.2"
 ports {
   http     = 18500
@@ -593,7 +608,7 @@ retry_join = ["127.0.0.1:8301", "127.0.0.3:8301"]
         let json = dir.path().join("agent.conf");
         std::fs::write(
             &json,
-            r#"{"node_name":"web-1","datacenter":"east","bind_addr":"127.0.0.2",
+            r#"{"node_name":"web-1","datacenter":"east","bind_addr":"127.0.0.2","data_dir":"/var/lib/tomo",
                 "ports":{"http":18500,"serf_lan":18301},
                 "retry_join":["127.0.0.1:8301","127.0.0.3:8301"]}"#,
         )
@@ -603,6 +618,10 @@ retry_join = ["127.0.0.1:8301", "127.0.0.3:8301"]
             apply_config_file(&mut a, path).unwrap();
             assert_eq!(a.node.as_deref(), Some("web-1"), "{}", path.display());
             assert_eq!(a.datacenter, "east");
+            assert_eq!(
+                a.data_dir.as_deref(),
+                Some(std::path::Path::new("/var/lib/tomo"))
+            );
             assert_eq!(a.bind, "127.0.0.2".parse::<IpAddr>().unwrap());
             assert_eq!((a.http_port, a.serf_lan_port), (18500, 18301));
             assert_eq!(a.retry_join, ["127.0.0.1:8301", "127.0.0.3:8301"]);
