@@ -949,14 +949,12 @@ impl Gossip {
                     self.live.insert(id.name.clone(), id.clone());
                     self.left.remove(id.name.as_str());
                 }
-                Output::Event(Event::MemberDown(id)) => {
-                    // A rename (newer identity, same name) may have come up
-                    // before the old identity went down: keep that one.
-                    if self.live.get(&id.name) == Some(id) {
-                        self.live.remove(&id.name);
-                        self.table.remove(&id.name);
-                        self.rumors.remove(&id.name);
-                    }
+                // A rename (newer identity, same name) may have come up
+                // before the old identity went down: keep that one.
+                Output::Event(Event::MemberDown(id)) if self.live.get(&id.name) == Some(id) => {
+                    self.live.remove(&id.name);
+                    self.table.remove(&id.name);
+                    self.rumors.remove(&id.name);
                 }
                 _ => {}
             }
