@@ -361,10 +361,12 @@ impl GossipConfig {
         // wrongly suspected by one slow node (its acks come late) needs the
         // time to hear of it and refute.
         foca.suspect_to_down_after = foca.suspect_to_down_after.max(SUSPICION_MIN);
-        // A third of foca's count for membership updates (4·log10 n):
-        // a table entry that misses a node is repaired by anti-entropy,
-        // a missed membership change is not.
-        let rumor_transmissions = (foca.max_transmissions.get() / 3).max(3);
+        // Three: a push epidemic where every node passes a change on three
+        // times reaches ~95% of the cluster (1 − e⁻³); anti-entropy repairs
+        // the rest. foca sends membership changes 4·log10 n times (14 at
+        // 5,000 members), but a missed membership change is not repaired,
+        // and the table's bandwidth is what limits its freshness.
+        let rumor_transmissions = 3;
         let mut g = GossipConfig {
             foca,
             engine: vivaldi::Config::tomo(),
@@ -728,20 +730,29 @@ const PUBLISH_MOVE: f64 = 0.05;
 const PUBLISH_MOVE_MIN: f64 = 0.5e-3;
 
 /// What publications may cost each node, in entries sent per second on
-/// average (about 400 B/s; [`ENTRY_BUDGET`] at two datagrams per second
-/// carries twice that, leaving room for anti-entropy and bursts).
-pub const RUMOR_ENTRIES_PER_S: f64 = 6.0;
+/// average (about 600 B/s), out of [`ENTRY_RATE`]; the rest is
+/// anti-entropy and slack for bursts.
+pub const RUMOR_ENTRIES_PER_S: f64 = 10.0;
 /// The shortest suspicion at 1 s probes (scaled with the probe period).
 pub const SUSPICION_MIN: Duration = Duration::from_secs(10);
 
 /// Entries a node sends per second at most (rumors and anti-entropy).
-pub const ENTRY_RATE: f64 = 10.0;
+/// At ~63 bytes an entry (8 dimensions, a short name), about 1 KB/s: with
+/// SWIM's own ~0.3 KB/s, a node stays under 2 KB/s whatever the cluster
+/// size.
+pub const ENTRY_RATE: f64 = 16.0;
 /// Entries a node may save up for one datagram.
 const ENTRY_BURST: f64 = 8.0;
 /// Publications a node may make back to back (at the floor interval)
 /// before the cluster-size interval applies: coordinates move most while
 /// a node converges.
-const PUBLISH_BURST: f64 = 3.0;
+const PUBLISH_BURST: f64 = 2.0;
+/// RTT samples before a node's first publication: 5, plus one per 50
+/// members, at most 50. A coordinate after a handful of samples is mostly
+/// noise, and in a large cluster every publication is expensive.
+fn first_publication_samples(members: usize) -> u64 {
+    (5 + members / 50).min(50) as u64
+}
 /// The shortest publication interval, in probe periods.
 const PUBLISH_INTERVALS_MIN: f64 = 5.0;
 
@@ -771,7 +782,7 @@ impl Gossip {
             incarnation: 0,
             refuted_at: None,
             suspicion_window: cfg.foca.suspect_to_down_after + 2 * cfg.foca.probe_period,
-            publish_tokens: (PUBLISH_BURST, Duration::ZERO),
+            publish_tokens: (1.0, Duration::ZERO),
             entry_tokens: (ENTRY_BURST, Duration::ZERO),
             publications: Vec::new(),
             epoch: cfg.epoch,
@@ -1093,8 +1104,11 @@ impl Gossip {
     /// Publishes our coordinate (our table entry, and a rumor) when it has
     /// moved significantly since the last publication.
     fn maybe_publish(&mut self, now: Duration) {
-        // Nothing worth publishing before the first measurement.
-        if self.stats.rtt_samples == 0 || self.leaving {
+        // Nothing worth publishing before a few measurements.
+        if self.leaving
+            || (self.last_publish.is_none()
+                && self.stats.rtt_samples < first_publication_samples(self.live.len()))
+        {
             return;
         }
         let (tokens, filled) = self.publish_tokens;
