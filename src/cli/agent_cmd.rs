@@ -333,6 +333,25 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         bail!("--nodes must be between 2 and the dataset's {} nodes", m.n);
     }
     let probe_interval = parse_duration(&a.probe_interval)?;
+    if probe_interval < Duration::from_millis(10) {
+        bail!("--probe-interval must be at least 10ms");
+    }
+    // The probe timeout is half the interval: a link slower than that
+    // always fails its direct probe, and its member is suspected over and
+    // over. Say so, with the interval that would fit.
+    let slowest = (0..n)
+        .flat_map(|i| (0..n).map(move |k| (i, k)))
+        .map(|(i, k)| m.at(i, k))
+        .fold(0.0f64, f64::max);
+    if slowest > 0.0 && probe_interval.as_secs_f64() * 1000.0 / 2.0 < slowest {
+        eprintln!(
+            "warning: the probe timeout ({:.0} ms, half of --probe-interval) is under the \
+             slowest of these links ({slowest:.0} ms RTT): members will be suspected; \
+             use --probe-interval {:.0}ms or more",
+            probe_interval.as_secs_f64() * 500.0,
+            (slowest * 2.0 / 100.0).ceil() * 100.0
+        );
+    }
     let stop = a.duration.as_deref().map(parse_duration).transpose()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
