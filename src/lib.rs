@@ -14,8 +14,9 @@
 //! | [`vivaldi`] | coordinates (Consul's `Coord` JSON), the update rule, latency filters, distance; the serf-compatible profile and tomo's default profile |
 //! | [`dataset`] | RTT matrices and series (`ltm v1`, triples, King-style), summaries (`dataset info`), synthetic generators (serf's phantom shapes, the geo model) |
 //! | [`tomography`] | RTT distributions: per-peer quantile sketches that forget, per-node tail and calibration factors, p50/p99 for probed and unprobed pairs |
-//! | [`gossip`] | SWIM membership (foca) in tomo's versioned envelope: every datagram carries the sender's coordinate; direct ping/ack pairs become RTT samples; the LAN coordinate table |
-//! | [`sim`] | the round-based simulator and its metrics, defined exactly as the serf peer harness defines them; the held-out tail evaluation |
+//! | [`gossip`] | SWIM membership (foca) in tomo's versioned envelope: acks carry the responder's coordinate and direct ping/ack pairs become RTT samples; the LAN coordinate table, disseminated in the envelope at a bounded rate |
+//! | [`catalog`] | the registry's state machine (Raft applies it): nodes, services, checks, KV with `cas` and locks, sessions, a Raft index per table |
+//! | [`sim`] | the round-based simulator and the gossip simulator (the real `gossip` core on a discrete-event network), with metrics defined as the serf peer harness defines them; the held-out tail evaluation |
 //! | [`stats`] | nearest-rank quantiles shared by the above |
 //!
 //! Behind the `io` feature:
@@ -31,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+pub mod catalog;
 pub mod dataset;
 pub mod gossip;
 pub mod sim;
