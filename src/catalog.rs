@@ -22,7 +22,7 @@ pub const MAX_LOCK_DELAY: Duration = Duration::from_secs(60);
 pub const SERF_HEALTH: &str = "serfHealth";
 
 /// Why a command was refused. The texts are Consul's (clients match them).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum CatalogError {
     /// A session's node is not registered.
     #[error("Missing node registration")]

@@ -25,6 +25,7 @@
 //! | --- | --- |
 //! | `plot` | PNG/SVG figures (plotters) from `tomo sim --out` directories and datasets |
 //! | `agent` | the agent process: the UDP gossip driver (tokio, socket2), user-space link emulation, the HTTP API (axum) in Consul's shapes |
+//! | `raft` | openraft 0.9 for the servers: the type config, and the redb-backed log and state machine (the catalog) |
 //! | `cli` | the `tomo` command (clap): `sim`, `dataset`, `plot`, `agent`, `demo`, `members`, `rtt`, `info`; the binary's `main` only calls it |
 //!
 //! The shape the later modules (gossip, tomography, catalog, agent, server,
@@ -46,3 +47,5 @@ pub mod agent;
 pub mod cli;
 #[cfg(feature = "io")]
 pub mod plot;
+#[cfg(feature = "io")]
+pub mod raft;
