@@ -260,6 +260,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// A snapshot's metadata.
+type Meta = SnapshotMeta<u64, BasicNode>;
+
 /// What a snapshot holds besides its metadata.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct MachineState {
@@ -294,7 +297,7 @@ impl StateMachine {
         f(&self.state.read().expect("not poisoned").catalog)
     }
 
-    fn stored_snapshot(&self) -> Result<Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>, Sto> {
+    fn stored_snapshot(&self) -> Result<Option<(Meta, Vec<u8>)>, Sto> {
         let tx = self.db.begin_read().map_err(read_err)?;
         let t = tx.open_table(META).map_err(read_err)?;
         let (Some(meta), Some(data)) = (
