@@ -26,6 +26,7 @@
 //! | `plot` | PNG/SVG figures (plotters) from `tomo sim --out` directories and datasets |
 //! | `agent` | the agent process: the UDP gossip driver (tokio, socket2), user-space link emulation, the HTTP API (axum) in Consul's shapes |
 //! | `raft` | openraft 0.9 for the servers: the type config, and the redb-backed log and state machine (the catalog) |
+//! | `server` | a registry server: a Raft member holding the catalog, peer RPC on TCP, writes forwarded to the leader, `?stale` and `?consistent` reads |
 //! | `cli` | the `tomo` command (clap): `sim`, `dataset`, `plot`, `agent`, `demo`, `members`, `rtt`, `info`; the binary's `main` only calls it |
 //!
 //! The shape the later modules (gossip, tomography, catalog, agent, server,
@@ -49,3 +50,5 @@ pub mod cli;
 pub mod plot;
 #[cfg(feature = "io")]
 pub mod raft;
+#[cfg(feature = "io")]
+pub mod server;
