@@ -8,6 +8,7 @@
 //! topology on loopback.
 
 pub mod http;
+pub mod kv;
 pub mod link;
 
 use std::cmp::Reverse;
@@ -43,6 +44,9 @@ pub enum AgentError {
     /// The agent has stopped.
     #[error("the agent has stopped")]
     Stopped,
+    /// The embedded server did not start.
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
 }
 
 /// How to run an agent (Consul's flag names in parentheses).
@@ -71,6 +75,11 @@ pub struct AgentConfig {
     pub seed: u64,
     /// Optional user-space link emulation of outgoing datagrams.
     pub link: Option<Arc<LinkEmulator>>,
+    /// Run a registry server in this agent (`-server`, and `-dev`).
+    pub server: Option<crate::server::ServerConfig>,
+    /// Initialize a new single-server group at start (`-bootstrap`, or
+    /// `-bootstrap-expect 1`, and `-dev`).
+    pub bootstrap: bool,
 }
 
 impl AgentConfig {
@@ -89,6 +98,8 @@ impl AgentConfig {
             cluster_size: 16,
             seed: 1,
             link: None,
+            server: None,
+            bootstrap: false,
         }
     }
 
@@ -186,6 +197,8 @@ pub struct Agent {
     pub shared: Arc<Shared>,
     driver: tokio::task::JoinHandle<()>,
     server: tokio::task::JoinHandle<()>,
+    /// The registry server this agent runs, if any.
+    pub registry: Option<Arc<crate::server::Server>>,
 }
 
 impl Agent {
@@ -229,7 +242,18 @@ impl Agent {
             addr: cfg.http,
             source: e,
         })?;
-        let app = http::router(shared.clone());
+        let mut app = http::router(shared.clone());
+        let mut registry = None;
+        if let Some(sc) = cfg.server.clone() {
+            let server = Arc::new(crate::server::Server::start(sc).await?);
+            if cfg.bootstrap && server.leader().await.is_none() {
+                let me = std::collections::BTreeMap::from([(server.id, server.rpc_addr)]);
+                // A group that already exists (a restart) says so: fine.
+                let _ = server.initialize(me).await;
+            }
+            app = app.merge(kv::router(server.clone()));
+            registry = Some(server);
+        }
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -240,6 +264,7 @@ impl Agent {
             shared,
             driver,
             server,
+            registry,
         })
     }
 
@@ -250,12 +275,20 @@ impl Agent {
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.driver.abort();
         self.server.abort();
+        if let Some(r) = &self.registry {
+            r.stop().await;
+        }
     }
 
     /// Stops without leaving (as a crash would).
     pub fn abort(self) {
         self.driver.abort();
         self.server.abort();
+        if let Some(r) = self.registry {
+            // Without a runtime to wait on: the listener stops now, Raft's
+            // tasks with the runtime.
+            r.abort_rpc();
+        }
     }
 }
 

@@ -329,6 +329,12 @@ impl Server {
         write(&self.raft, req).await
     }
 
+    /// Follows the catalog's last applied index: a blocking query waits
+    /// for it to move.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sm.subscribe()
+    }
+
     /// Reads this server's catalog as it is (Consul's `?stale`).
     pub fn read<T>(&self, f: impl FnOnce(&Catalog) -> T) -> T {
         self.sm.read(f)
@@ -349,9 +355,15 @@ impl Server {
     }
 
     /// Stops the member (as a crash would: nothing is handed over).
-    pub async fn stop(self) {
+    pub async fn stop(&self) {
         self.listener.abort();
         let _ = self.raft.shutdown().await;
+    }
+
+    /// Stops answering peers at once (the Raft tasks end with the
+    /// runtime).
+    pub fn abort_rpc(&self) {
+        self.listener.abort();
     }
 }
 

@@ -96,7 +96,7 @@ struct Cluster {
     http: Vec<u16>,
     dataset: std::path::PathBuf,
     children: Vec<Option<Child>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -109,7 +109,7 @@ impl Cluster {
             http: (0..5).map(|_| free_tcp()).collect(),
             dataset,
             children: (0..5).map(|_| None).collect(),
-            _dir: dir,
+            dir,
         };
         for i in 0..5 {
             c.spawn(i);
@@ -131,6 +131,13 @@ impl Cluster {
             .args(["-link-dataset", self.dataset.to_str().unwrap()])
             .args(["-link-index", &i.to_string()])
             .args(["-link-peers", &peers.join(",")])
+            // -dev runs a server too: its Raft data in this test's temp dir
+            // (a SIGKILL leaves nothing in /tmp), one per agent, kept
+            // across a restart.
+            .args([
+                "-data-dir",
+                self.dir.path().join(format!("data-{i}")).to_str().unwrap(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if i > 0 {
@@ -332,6 +339,21 @@ fn coordinate_endpoints_follow_consul() {
     );
     let v = json(port, "/v1/coordinate/node/ext").unwrap();
     assert_eq!(v[0]["Coord"]["Vec"][0], 0.01);
+
+    // `-dev` is a server too: its KV store answers.
+    assert!(eventually(Duration::from_secs(10), || http_body(
+        "PUT",
+        port,
+        "/v1/kv/dev/key",
+        "v1"
+    ) == Some((
+        200,
+        "true".into()
+    ))));
+    assert_eq!(
+        http("GET", port, "/v1/kv/dev/key?raw"),
+        Some((200, "v1".into()))
+    );
 
     // A graceful leave is "left" (3) everywhere, not "failed" (4).
     assert_eq!(

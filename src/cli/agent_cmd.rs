@@ -58,6 +58,17 @@ pub struct AgentArgs {
     /// Development mode: loopback addresses, no data directory needed.
     #[arg(long)]
     dev: bool,
+    /// Run a registry server (Raft member) in this agent; its log and
+    /// snapshots go under -data-dir.
+    #[arg(long)]
+    server: bool,
+    /// Servers expected before the group is initialized; only 1 (a single
+    /// server initializing itself) so far.
+    #[arg(long)]
+    bootstrap_expect: Option<u32>,
+    /// Server RPC (Raft) TCP port [default: 8300; ephemeral with -dev].
+    #[arg(long)]
+    server_port: Option<u16>,
     /// Log level (trace, debug, info, warn, err).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -258,7 +269,43 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
         }
         _ => None,
     };
+    // -dev: a single server and agent, its Raft data in a fresh temporary
+    // directory unless -data-dir says otherwise.
+    let server = if a.server || a.dev {
+        match a.bootstrap_expect {
+            Some(n) if n > 1 => bail!(
+                "-bootstrap-expect {n}: servers finding each other over gossip is not built yet; \
+                 use -bootstrap-expect 1"
+            ),
+            _ => {}
+        }
+        let data = match &a.data_dir {
+            Some(d) => d.join("raft"),
+            None => std::env::temp_dir().join(format!(
+                "tomo-dev-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos()
+            )),
+        };
+        let port = a.server_port.unwrap_or(if a.dev { 0 } else { 8300 });
+        Some(crate::server::ServerConfig::new(
+            1,
+            SocketAddr::new(bind_ip, port),
+            data,
+        ))
+    } else {
+        None
+    };
+    let dev_data = server
+        .as_ref()
+        .filter(|_| a.dev && a.data_dir.is_none())
+        .map(|s| s.data_dir.clone());
     let cfg = AgentConfig {
+        server,
+        bootstrap: a.dev || a.bootstrap_expect == Some(1),
         node,
         datacenter: a.datacenter.clone(),
         bind: SocketAddr::new(bind_ip, a.serf_lan_port),
@@ -295,6 +342,10 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 agent.abort();
             }
+        }
+        if let Some(d) = dev_data {
+            // -dev keeps nothing.
+            let _ = std::fs::remove_dir_all(d);
         }
         Ok::<(), anyhow::Error>(())
     })

@@ -276,6 +276,8 @@ struct MachineState {
 pub struct StateMachine {
     db: Arc<Database>,
     state: Arc<RwLock<MachineState>>,
+    /// The catalog's last applied index, for blocking queries.
+    applied: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StateMachine {
@@ -284,12 +286,31 @@ impl StateMachine {
         let sm = StateMachine {
             db,
             state: Arc::default(),
+            applied: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         if let Some((_, data)) = sm.stored_snapshot()? {
             let s: MachineState = postcard::from_bytes(&data).map_err(read_err)?;
             *sm.state.write().expect("not poisoned") = s;
+            sm.publish();
         }
         Ok(sm)
+    }
+
+    /// Wakes blocking readers: the catalog changed.
+    fn publish(&self) {
+        let last = self
+            .state
+            .read()
+            .expect("not poisoned")
+            .catalog
+            .last_applied();
+        self.applied.send_replace(last);
+    }
+
+    /// Follows the catalog's last applied index (blocking queries wait on
+    /// it).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// Reads the catalog (for the HTTP side).
@@ -367,8 +388,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut s = self.state.write().expect("not poisoned");
         let mut out = Vec::new();
+        let mut s = self.state.write().expect("not poisoned");
         for e in entries {
             s.last_applied = Some(e.log_id);
             out.push(match e.payload {
@@ -380,6 +401,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             });
         }
+        drop(s);
+        self.publish();
         Ok(out)
     }
 
@@ -400,6 +423,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let s: MachineState = postcard::from_bytes(&data).map_err(read_err)?;
         self.store_snapshot(meta, &data)?;
         *self.state.write().expect("not poisoned") = s;
+        self.publish();
         Ok(())
     }
 

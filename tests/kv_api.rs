@@ -1,0 +1,200 @@
+//! Consul's KV API on an agent running a single server (as `-dev` does):
+//! values, flags, `cas`, `raw`, `keys` with a separator, `recurse`,
+//! Consul's error statuses and texts, `X-Consul-Index` on every answer and
+//! blocking queries that return promptly after a change and not before.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use tomo::agent::{Agent, AgentConfig};
+use tomo::server::ServerConfig;
+
+/// One HTTP/1.1 exchange: (status, X-Consul-Index, body).
+fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Option<u64>, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    let index = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-consul-index: "))
+        .map(|v| v.trim().parse().unwrap());
+    (status, index, body.to_string())
+}
+
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, Option<u64>, String) {
+    let (m, p, b) = (method.to_string(), path.to_string(), body.to_vec());
+    tokio::task::spawn_blocking(move || http(addr, &m, &p, &b))
+        .await
+        .unwrap()
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_follows_consul() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut cfg = AgentConfig::dev("kv-node");
+    cfg.server = Some(ServerConfig::new(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().to_path_buf(),
+    ));
+    cfg.bootstrap = true;
+    let agent = Agent::start(cfg).await.unwrap();
+    let a = agent.http_addr;
+    // The single server elects itself.
+    let r = agent.registry.clone().unwrap();
+    let start = Instant::now();
+    while r.leader().await.is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A missing key: 404, empty body, still an index.
+    let (st, idx, body) = call(a, "GET", "/v1/kv/web/a", b"").await;
+    assert_eq!((st, body.as_str()), (404, ""));
+    assert!(idx.is_some_and(|i| i >= 1));
+
+    // Put with flags, read back as Consul's DirEntry.
+    let (st, _, body) = call(a, "PUT", "/v1/kv/web/a?flags=7", b"hello").await;
+    assert_eq!((st, body.as_str()), (200, "true"));
+    let (st, idx, body) = call(a, "GET", "/v1/kv/web/a", b"").await;
+    assert_eq!(st, 200);
+    let e = &json(&body)[0];
+    assert_eq!(e["Key"], "web/a");
+    assert_eq!(e["Flags"], 7);
+    assert_eq!(e["Value"], "aGVsbG8=");
+    assert_eq!(e["LockIndex"], 0);
+    assert!(e.get("Session").is_none());
+    let modify = e["ModifyIndex"].as_u64().unwrap();
+    assert_eq!(idx, Some(modify));
+
+    // cas: 0 only creates; the right index writes.
+    let (_, _, body) = call(a, "PUT", "/v1/kv/web/a?cas=0", b"x").await;
+    assert_eq!(body, "false");
+    let (_, _, body) = call(a, "PUT", &format!("/v1/kv/web/a?cas={modify}"), b"hello2").await;
+    assert_eq!(body, "true");
+    let (st, _, body) = call(a, "GET", "/v1/kv/web/a?raw", b"").await;
+    assert_eq!((st, body.as_str()), (200, "hello2"));
+
+    // An empty value is null.
+    call(a, "PUT", "/v1/kv/web/sub/b", b"").await;
+    call(a, "PUT", "/v1/kv/webby", b"1").await;
+    let (_, _, body) = call(a, "GET", "/v1/kv/web/sub/b", b"").await;
+    assert!(json(&body)[0]["Value"].is_null(), "{body}");
+
+    // keys with a separator; recurse.
+    let (_, _, body) = call(a, "GET", "/v1/kv/web/?keys&separator=/", b"").await;
+    assert_eq!(json(&body), serde_json::json!(["web/a", "web/sub/"]));
+    let (_, _, body) = call(a, "GET", "/v1/kv/?keys&separator=/", b"").await;
+    assert_eq!(json(&body), serde_json::json!(["web/", "webby"]));
+    let (_, _, body) = call(a, "GET", "/v1/kv/web?recurse", b"").await;
+    let keys: Vec<String> = json(&body)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["Key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys, ["web/a", "web/sub/b", "webby"]);
+
+    // Errors: Consul's statuses and texts, nothing written.
+    let before = call(a, "GET", "/v1/kv/web?recurse", b"").await.2;
+    for (method, path, body, status, text) in [
+        (
+            "PUT",
+            "/v1/kv/web/a?cas=1&acquire=x",
+            &b"v"[..],
+            400,
+            "Conflicting flags",
+        ),
+        (
+            "PUT",
+            "/v1/kv/web/a?acquire=nope",
+            b"v",
+            500,
+            "invalid session \"nope\"",
+        ),
+        ("GET", "/v1/kv/", b"", 400, "Missing key name"),
+        (
+            "GET",
+            "/v1/kv/web/a?index=1&wait=soon",
+            b"",
+            400,
+            "Invalid wait time",
+        ),
+        (
+            "DELETE",
+            "/v1/kv/web?recurse&cas=3",
+            b"",
+            400,
+            "Conflicting flags",
+        ),
+    ] {
+        let (st, _, got) = call(a, method, path, body).await;
+        assert_eq!((st, got.as_str()), (status, text), "{method} {path}");
+    }
+    let big = vec![b'x'; 512 * 1024 + 1];
+    let (st, _, _) = call(a, "PUT", "/v1/kv/big", &big).await;
+    assert_eq!(st, 413);
+    assert_eq!(call(a, "GET", "/v1/kv/web?recurse", b"").await.2, before);
+
+    // Blocking: no change → returns after the wait with the same index.
+    let (_, idx, _) = call(a, "GET", "/v1/kv/web/a", b"").await;
+    let idx = idx.unwrap();
+    let t = Instant::now();
+    let (st, again, _) = call(
+        a,
+        "GET",
+        &format!("/v1/kv/web/a?index={idx}&wait=300ms"),
+        b"",
+    )
+    .await;
+    let waited = t.elapsed();
+    assert_eq!((st, again), (200, Some(idx)));
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    // A change wakes it promptly, with the new index.
+    let blocked = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = call(a, "GET", &format!("/v1/kv/web/a?index={idx}&wait=20s"), b"").await;
+        (r, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!blocked.is_finished(), "returned before any change");
+    call(a, "PUT", "/v1/kv/web/a", b"changed").await;
+    let ((st, new_idx, body), took) = blocked.await.unwrap();
+    assert_eq!(st, 200);
+    assert!(new_idx.unwrap() > idx);
+    assert_eq!(json(&body)[0]["Value"], "Y2hhbmdlZA==");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+
+    // Delete a prefix: true, then 404 with an index that went up.
+    let (_, _, body) = call(a, "DELETE", "/v1/kv/web/?recurse", b"").await;
+    assert_eq!(body, "true");
+    let (st, after, _) = call(a, "GET", "/v1/kv/web/?recurse", b"").await;
+    assert_eq!(st, 404);
+    assert!(after.unwrap() > new_idx.unwrap());
+    agent.shutdown().await;
+}
