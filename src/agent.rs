@@ -10,6 +10,7 @@
 pub mod http;
 pub mod kv;
 pub mod link;
+pub mod session;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -80,6 +81,8 @@ pub struct AgentConfig {
     /// Initialize a new single-server group at start (`-bootstrap`, or
     /// `-bootstrap-expect 1`, and `-dev`).
     pub bootstrap: bool,
+    /// The shortest session TTL (Consul's `session_ttl_min`, 10 s).
+    pub session_ttl_min: Duration,
 }
 
 impl AgentConfig {
@@ -100,6 +103,7 @@ impl AgentConfig {
             link: None,
             server: None,
             bootstrap: false,
+            session_ttl_min: session::DEFAULT_TTL_MIN,
         }
     }
 
@@ -199,6 +203,8 @@ pub struct Agent {
     server: tokio::task::JoinHandle<()>,
     /// The registry server this agent runs, if any.
     pub registry: Option<Arc<crate::server::Server>>,
+    /// Self-registration and session expiry, with the registry.
+    housekeeping: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Agent {
@@ -244,6 +250,7 @@ impl Agent {
         })?;
         let mut app = http::router(shared.clone());
         let mut registry = None;
+        let mut housekeeping = None;
         if let Some(sc) = cfg.server.clone() {
             let server = Arc::new(crate::server::Server::start(sc).await?);
             if cfg.bootstrap && server.leader().await.is_none() {
@@ -252,6 +259,16 @@ impl Agent {
                 let _ = server.initialize(me).await;
             }
             app = app.merge(kv::router(server.clone()));
+            let sessions =
+                session::Sessions::new(server.clone(), cfg.node.clone(), cfg.session_ttl_min);
+            app = app.merge(session::router(sessions.clone()));
+            housekeeping = Some(tokio::spawn(register_self(
+                server.clone(),
+                sessions,
+                cfg.node.clone(),
+                cfg.datacenter.clone(),
+                gossip_addr,
+            )));
             registry = Some(server);
         }
         let server = tokio::spawn(async move {
@@ -265,6 +282,7 @@ impl Agent {
             driver,
             server,
             registry,
+            housekeeping,
         })
     }
 
@@ -275,6 +293,9 @@ impl Agent {
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.driver.abort();
         self.server.abort();
+        if let Some(h) = &self.housekeeping {
+            h.abort();
+        }
         if let Some(r) = &self.registry {
             r.stop().await;
         }
@@ -284,11 +305,69 @@ impl Agent {
     pub fn abort(self) {
         self.driver.abort();
         self.server.abort();
+        if let Some(h) = &self.housekeeping {
+            h.abort();
+        }
         if let Some(r) = self.registry {
             // Without a runtime to wait on: the listener stops now, Raft's
             // tasks with the runtime.
             r.abort_rpc();
         }
+    }
+}
+
+/// Registers this agent's node and its `serfHealth` check in the catalog
+/// once a leader is known (what Consul's anti-entropy does, so that
+/// sessions can name the node), then expires session TTLs every second.
+async fn register_self(
+    server: Arc<crate::server::Server>,
+    sessions: Arc<session::Sessions>,
+    node: String,
+    datacenter: String,
+    addr: SocketAddr,
+) {
+    use crate::catalog::{Check, Command, Health, SERF_HEALTH};
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    };
+    let cmds = [
+        Command::RegisterNode {
+            name: node.clone(),
+            address: addr.ip().to_string(),
+            datacenter,
+            meta: Default::default(),
+        },
+        Command::RegisterCheck {
+            node,
+            check: Check {
+                id: SERF_HEALTH.into(),
+                name: "Serf Health Status".into(),
+                status: Health::Passing,
+                output: "Agent alive and reachable".into(),
+                service_id: String::new(),
+                create_index: 0,
+                modify_index: 0,
+            },
+        },
+    ];
+    for cmd in cmds {
+        loop {
+            let req = crate::raft::Request {
+                now: now(),
+                cmd: cmd.clone(),
+            };
+            match server.write(req).await {
+                Ok(_) => break,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        sessions.expire(Instant::now()).await;
     }
 }
 

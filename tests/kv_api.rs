@@ -198,3 +198,132 @@ async fn kv_follows_consul() {
     assert!(after.unwrap() > new_idx.unwrap());
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_locks_follow_consul() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut cfg = AgentConfig::dev("lock-node");
+    cfg.server = Some(ServerConfig::new(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().to_path_buf(),
+    ));
+    cfg.bootstrap = true;
+    // Short TTLs for the test (Consul's `session_ttl_min`).
+    cfg.session_ttl_min = Duration::from_secs(1);
+    let agent = Agent::start(cfg).await.unwrap();
+    let a = agent.http_addr;
+    // The agent registers its node; a session names it by default.
+    let start = Instant::now();
+    let sid = loop {
+        let (st, _, body) = call(a, "PUT", "/v1/session/create", b"").await;
+        if st == 200 {
+            break json(&body)["ID"].as_str().unwrap().to_string();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{st} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Patroni's session: lowercase keys, TTL, delete, a 1 ms lock-delay.
+    let (st, _, body) = call(
+        a,
+        "PUT",
+        "/v1/session/create",
+        br#"{"name":"patroni","ttl":"1s","behavior":"delete","lockdelay":"0.001s"}"#,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let leader_sid = json(&body)["ID"].as_str().unwrap().to_string();
+    let (_, _, body) = call(a, "GET", &format!("/v1/session/info/{leader_sid}"), b"").await;
+    let info = &json(&body)[0];
+    assert_eq!(info["Name"], "patroni");
+    assert_eq!(info["Node"], "lock-node");
+    assert_eq!(info["Behavior"], "delete");
+    assert_eq!(info["TTL"], "1s");
+    assert_eq!(info["LockDelay"], 1_000_000);
+    assert_eq!(info["NodeChecks"], serde_json::json!(["serfHealth"]));
+    let (_, _, body) = call(a, "GET", "/v1/session/list", b"").await;
+    assert_eq!(json(&body).as_array().unwrap().len(), 2);
+    let (_, _, body) = call(a, "GET", "/v1/session/node/lock-node", b"").await;
+    assert_eq!(json(&body).as_array().unwrap().len(), 2);
+
+    // Locks: one holder at a time.
+    let acquire = |sid: &str| format!("/v1/kv/service/leader?acquire={sid}");
+    assert_eq!(call(a, "PUT", &acquire(&leader_sid), b"me").await.2, "true");
+    assert_eq!(call(a, "PUT", &acquire(&sid), b"you").await.2, "false");
+    let (_, _, body) = call(a, "GET", "/v1/kv/service/leader", b"").await;
+    assert_eq!(json(&body)[0]["Session"], leader_sid.as_str());
+    assert_eq!(json(&body)[0]["LockIndex"], 1);
+
+    // Errors in Consul's words.
+    for (path, body, status, text) in [
+        (
+            "/v1/session/create",
+            &br#"{"TTL":"5ms"}"#[..],
+            500,
+            "Invalid Session TTL '5000000', must be between [1s=24h0m0s]",
+        ),
+        (
+            "/v1/session/create",
+            br#"{"Behavior":"explode"}"#,
+            500,
+            "Invalid Behavior setting 'explode'",
+        ),
+        (
+            "/v1/session/create",
+            br#"{"Node":"ghost"}"#,
+            500,
+            "Missing node registration",
+        ),
+        ("/v1/session/create", b"{nope", 400, ""),
+        (
+            "/v1/session/renew/no-such-id",
+            b"",
+            404,
+            "Session id 'no-such-id' not found",
+        ),
+    ] {
+        let (st, _, got) = call(a, "PUT", path, body).await;
+        assert_eq!(st, status, "{path} {got}");
+        assert!(got.starts_with(text), "{path}: {got}");
+    }
+
+    // Renewing keeps a session alive past its TTL × 2…
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (st, _, body) = call(a, "PUT", &format!("/v1/session/renew/{leader_sid}"), b"").await;
+        assert_eq!(st, 200, "{body}");
+        assert_eq!(json(&body)[0]["ID"], leader_sid.as_str());
+    }
+    assert_eq!(call(a, "GET", "/v1/kv/service/leader", b"").await.0, 200);
+    // …and without renewals it expires: behavior=delete deletes the key.
+    let start = Instant::now();
+    loop {
+        let (st, _, _) = call(a, "GET", "/v1/kv/service/leader", b"").await;
+        if st == 404 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "the session never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+    let (_, _, body) = call(a, "GET", &format!("/v1/session/info/{leader_sid}"), b"").await;
+    assert_eq!(json(&body), serde_json::json!([]));
+    // The other session takes the lock once free; destroying releases it.
+    assert_eq!(call(a, "PUT", &acquire(&sid), b"you").await.2, "true");
+    assert_eq!(
+        call(a, "PUT", &format!("/v1/session/destroy/{sid}"), b"")
+            .await
+            .2,
+        "true"
+    );
+    let (_, _, body) = call(a, "GET", "/v1/kv/service/leader", b"").await;
+    assert!(json(&body)[0].get("Session").is_none(), "{body}");
+    agent.shutdown().await;
+}

@@ -306,6 +306,7 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
     let cfg = AgentConfig {
         server,
         bootstrap: a.dev || a.bootstrap_expect == Some(1),
+        session_ttl_min: crate::agent::session::DEFAULT_TTL_MIN,
         node,
         datacenter: a.datacenter.clone(),
         bind: SocketAddr::new(bind_ip, a.serf_lan_port),
