@@ -7,6 +7,7 @@
 //! destination in user space ([`link::LinkEmulator`]) to emulate a
 //! topology on loopback.
 
+pub mod catalog_api;
 pub mod http;
 pub mod kv;
 pub mod link;
@@ -259,6 +260,7 @@ impl Agent {
                 let _ = server.initialize(me).await;
             }
             app = app.merge(kv::router(server.clone()));
+            app = app.merge(catalog_api::router(server.clone(), shared.clone()));
             let sessions =
                 session::Sessions::new(server.clone(), cfg.node.clone(), cfg.session_ttl_min);
             app = app.merge(session::router(sessions.clone()));

@@ -327,3 +327,167 @@ async fn sessions_and_locks_follow_consul() {
     assert!(json(&body)[0].get("Session").is_none(), "{body}");
     agent.shutdown().await;
 }
+
+/// `PUT /v1/coordinate/update` for `node` at `ms` milliseconds along x.
+async fn place(a: SocketAddr, node: &str, ms: f64) {
+    let body = format!(
+        r#"{{"Node":"{node}","Coord":{{"Vec":[{},0,0,0,0,0,0,0],"Error":0.2,"Adjustment":0,"Height":0.00001}}}}"#,
+        ms / 1000.0
+    );
+    let (st, _, got) = call(a, "PUT", "/v1/coordinate/update", body.as_bytes()).await;
+    assert_eq!(st, 200, "{got}");
+}
+
+fn names(body: &str, node_key: &[&str]) -> Vec<String> {
+    json(body)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let mut v = e;
+            for k in node_key {
+                v = &v[*k];
+            }
+            v.as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_and_health_sort_by_rtt_with_near() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut cfg = AgentConfig::dev("agent-0");
+    cfg.server = Some(ServerConfig::new(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().to_path_buf(),
+    ));
+    cfg.bootstrap = true;
+    let agent = Agent::start(cfg).await.unwrap();
+    let a = agent.http_addr;
+    // Four instances of web; n3's is failing.
+    let start = Instant::now();
+    for (node, tags, status) in [
+        ("n1", r#"["v1","primary"]"#, "passing"),
+        ("n2", r#"["v1"]"#, "passing"),
+        ("n3", r#"["v2"]"#, "critical"),
+        ("n4", r#"["v1"]"#, "warning"),
+    ] {
+        let body = format!(
+            r#"{{"Node":"{node}","Address":"10.0.0.{}","Service":{{"Service":"web","Tags":{tags},"Port":80}},"Check":{{"Name":"http","Status":"{status}","ServiceID":"web"}}}}"#,
+            &node[1..]
+        );
+        loop {
+            let (st, _, got) = call(a, "PUT", "/v1/catalog/register", body.as_bytes()).await;
+            if st == 200 {
+                assert_eq!(got, "true");
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{st} {got}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Coordinates: the client node at the origin; n2 10 ms away, n3 20,
+    // n1 30; n4 has none.
+    place(a, "client", 0.0).await;
+    place(a, "n1", 30.0).await;
+    place(a, "n2", 10.0).await;
+    place(a, "n3", 20.0).await;
+
+    let (_, _, body) = call(a, "GET", "/v1/catalog/service/web", b"").await;
+    assert_eq!(names(&body, &["Node"]), ["n1", "n2", "n3", "n4"]);
+    let (st, idx, body) = call(a, "GET", "/v1/catalog/service/web?near=client", b"").await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        names(&body, &["Node"]),
+        ["n2", "n3", "n1", "n4"],
+        "nearest first, no coordinate last"
+    );
+    let e = &json(&body)[0];
+    assert_eq!(
+        (e["ServiceName"].as_str(), e["ServicePort"].as_u64()),
+        (Some("web"), Some(80))
+    );
+    assert_eq!(e["ServiceTags"], serde_json::json!(["v1"]));
+    // tag filters (all must match); near never filters.
+    let (_, _, body) = call(a, "GET", "/v1/catalog/service/web?tag=v1&tag=primary", b"").await;
+    assert_eq!(names(&body, &["Node"]), ["n1"]);
+    let (_, _, body) = call(a, "GET", "/v1/catalog/service/web?near=nobody", b"").await;
+    assert_eq!(
+        names(&body, &["Node"]),
+        ["n1", "n2", "n3", "n4"],
+        "unknown source: no sort"
+    );
+    // health: the same order; ?passing drops warning and critical.
+    let (_, _, body) = call(a, "GET", "/v1/health/service/web?near=client", b"").await;
+    assert_eq!(names(&body, &["Node", "Node"]), ["n2", "n3", "n1", "n4"]);
+    let checks = &json(&body)[1]["Checks"];
+    assert_eq!(checks[0]["Status"], "critical");
+    assert_eq!(checks[0]["ServiceName"], "web");
+    let (_, _, body) = call(
+        a,
+        "GET",
+        "/v1/health/service/web?near=client&passing=1",
+        b"",
+    )
+    .await;
+    assert_eq!(names(&body, &["Node", "Node"]), ["n2", "n1"]);
+    let (_, _, body) = call(a, "GET", "/v1/health/state/critical", b"").await;
+    assert_eq!(names(&body, &["Node"]), ["n3"]);
+    let (_, _, body) = call(a, "GET", "/v1/catalog/services", b"").await;
+    assert_eq!(
+        json(&body)["web"],
+        serde_json::json!(["v1", "primary", "v2"])
+    );
+    let (_, _, body) = call(a, "GET", "/v1/catalog/node/n1", b"").await;
+    assert_eq!(json(&body)["Services"]["web"]["Port"], 80);
+    let (st, _, body) = call(a, "GET", "/v1/catalog/node/ghost", b"").await;
+    assert_eq!((st, body.as_str()), (200, "null"));
+    // `_agent` is this agent's node.
+    place(a, "agent-0", 25.0).await;
+    let (_, _, body) = call(a, "GET", "/v1/catalog/service/web?near=_agent", b"").await;
+    assert_eq!(names(&body, &["Node"]), ["n1", "n3", "n2", "n4"]);
+
+    // A blocking health read (with the index health gave) wakes on a
+    // deregistration.
+    assert!(idx.is_some());
+    let idx = call(a, "GET", "/v1/health/service/web", b"")
+        .await
+        .1
+        .unwrap();
+    let blocked = tokio::spawn(async move {
+        call(
+            a,
+            "GET",
+            &format!("/v1/health/service/web?index={idx}&wait=20s"),
+            b"",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!blocked.is_finished());
+    let (_, _, got) = call(
+        a,
+        "PUT",
+        "/v1/catalog/deregister",
+        br#"{"Node":"n2","ServiceID":"web"}"#,
+    )
+    .await;
+    assert_eq!(got, "true");
+    let (st, new_idx, body) = blocked.await.unwrap();
+    assert_eq!(st, 200);
+    assert!(new_idx.unwrap() > idx);
+    assert_eq!(names(&body, &["Node", "Node"]), ["n1", "n3", "n4"]);
+    // Bad input: Consul's texts, nothing registered.
+    let (st, _, got) = call(
+        a,
+        "PUT",
+        "/v1/catalog/register",
+        br#"{"Address":"1.2.3.4"}"#,
+    )
+    .await;
+    assert_eq!((st, got.as_str()), (400, "Must provide node"));
+    let (st, _, _) = call(a, "PUT", "/v1/catalog/register", b"{oops").await;
+    assert_eq!(st, 400);
+    agent.shutdown().await;
+}

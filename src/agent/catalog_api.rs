@@ -1,0 +1,602 @@
+//! Consul's catalog and health endpoints (`consul-api.md` §3.2–3.3) on an
+//! agent that runs a server, with `?near=` (§2.6): results sorted, stably,
+//! by the estimated RTT from the named node (`_agent`: this one) using the
+//! LAN coordinate table this agent holds; nodes without a coordinate last,
+//! nothing filtered. Reads block on `?index=&wait=`.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use super::Shared;
+use super::kv::parse_go_duration;
+use crate::catalog::{Catalog, Check, Command, Health, Node, Service};
+use crate::raft::Request;
+use crate::server::Server;
+use crate::vivaldi::Coordinate;
+
+/// What the handlers share.
+pub struct CatalogApi {
+    server: Arc<Server>,
+    agent: Arc<Shared>,
+}
+
+type Params = Query<Vec<(String, String)>>;
+
+fn param<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+}
+
+fn has(p: &[(String, String)], k: &str) -> bool {
+    p.iter().any(|(n, _)| n == k)
+}
+
+fn text(status: StatusCode, msg: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        msg.to_string(),
+    )
+        .into_response()
+}
+
+fn reply(v: &Value, index: u64) -> Response {
+    let mut r = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response();
+    let h = r.headers_mut();
+    h.insert("X-Consul-Index", HeaderValue::from(index.max(1)));
+    h.insert("X-Consul-KnownLeader", HeaderValue::from_static("true"));
+    h.insert("X-Consul-LastContact", HeaderValue::from_static("0"));
+    r
+}
+
+/// Blocks a read for `?index=N` until `index_of(catalog)` passes N or the
+/// wait (default 5 min, at most 10) runs out.
+async fn block(
+    server: &Server,
+    p: &[(String, String)],
+    index_of: impl Fn(&Catalog) -> u64,
+) -> Result<(), Response> {
+    let Some(index) = param(p, "index") else {
+        return Ok(());
+    };
+    let index: u64 = index
+        .parse()
+        .map_err(|_| text(StatusCode::BAD_REQUEST, "Invalid index"))?;
+    let wait = match param(p, "wait") {
+        Some(w) => parse_go_duration(w)
+            .ok_or_else(|| text(StatusCode::BAD_REQUEST, "Invalid wait time"))?,
+        None => Duration::from_secs(300),
+    }
+    .min(Duration::from_secs(600));
+    let deadline = Instant::now() + wait;
+    let mut rx = server.subscribe();
+    while server.read(&index_of) <= index {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn node_json(n: &Node) -> Value {
+    json!({
+        "ID": "",
+        "Node": n.name,
+        "Address": n.address,
+        "Datacenter": n.datacenter,
+        "TaggedAddresses": {"lan": n.address, "lan_ipv4": n.address, "wan": n.address, "wan_ipv4": n.address},
+        "Meta": n.meta,
+        "CreateIndex": n.create_index,
+        "ModifyIndex": n.modify_index,
+    })
+}
+
+fn node_service_json(s: &Service) -> Value {
+    json!({
+        "ID": s.id,
+        "Service": s.name,
+        "Tags": s.tags,
+        "Address": s.address,
+        "Meta": s.meta,
+        "Port": s.port,
+        "Weights": {"Passing": 1, "Warning": 1},
+        "EnableTagOverride": false,
+        "CreateIndex": s.create_index,
+        "ModifyIndex": s.modify_index,
+    })
+}
+
+fn service_node_json(n: &Node, s: &Service) -> Value {
+    json!({
+        "ID": "",
+        "Node": n.name,
+        "Address": n.address,
+        "Datacenter": n.datacenter,
+        "TaggedAddresses": {"lan": n.address, "wan": n.address},
+        "NodeMeta": n.meta,
+        "ServiceKind": "",
+        "ServiceID": s.id,
+        "ServiceName": s.name,
+        "ServiceTags": s.tags,
+        "ServiceAddress": s.address,
+        "ServiceWeights": {"Passing": 1, "Warning": 1},
+        "ServiceMeta": s.meta,
+        "ServicePort": s.port,
+        "ServiceEnableTagOverride": false,
+        "CreateIndex": s.create_index,
+        "ModifyIndex": s.modify_index,
+    })
+}
+
+fn check_json(c: &Catalog, node: &str, k: &Check) -> Value {
+    let svc = (!k.service_id.is_empty())
+        .then(|| c.node_services(node).find(|s| s.id == k.service_id))
+        .flatten();
+    json!({
+        "Node": node,
+        "CheckID": k.id,
+        "Name": k.name,
+        "Status": k.status.as_str(),
+        "Notes": "",
+        "Output": k.output,
+        "ServiceID": k.service_id,
+        "ServiceName": svc.map(|s| s.name.as_str()).unwrap_or(""),
+        "ServiceTags": svc.map(|s| s.tags.clone()).unwrap_or_default(),
+        "Type": "",
+        "Interval": "",
+        "Timeout": "",
+        "Definition": {"Interval": "0s", "Timeout": "0s", "DeregisterCriticalServiceAfter": "0s"},
+        "CreateIndex": k.create_index,
+        "ModifyIndex": k.modify_index,
+    })
+}
+
+impl CatalogApi {
+    /// The coordinates `?near=` sorts by: the source's and a lookup for
+    /// every node (`None` without `near` or when the source has none).
+    fn near(&self, p: &[(String, String)]) -> Option<(Coordinate, HashMap<String, Coordinate>)> {
+        let near = param(p, "near").filter(|n| !n.is_empty())?;
+        if param(p, "dc").is_some_and(|dc| dc != self.agent.datacenter) {
+            return None;
+        }
+        let source = if near == "_agent" {
+            self.agent.node.as_str()
+        } else {
+            near
+        };
+        let g = self.agent.gossip.lock().expect("not poisoned");
+        let from = g.table_entry(source)?.coordinate.clone();
+        let all = g
+            .table()
+            .map(|(n, e)| (n.to_string(), e.coordinate.clone()))
+            .collect();
+        Some((from, all))
+    }
+
+    /// Sorts `items` (stably) by estimated RTT from the `near` node to
+    /// each item's node; +∞ for nodes without a coordinate.
+    fn sort_near<T>(&self, p: &[(String, String)], items: &mut [T], node_of: impl Fn(&T) -> &str) {
+        let Some((from, coords)) = self.near(p) else {
+            return;
+        };
+        let dist = |t: &T| {
+            coords
+                .get(node_of(t))
+                .map_or(f64::INFINITY, |c| from.distance_to(c))
+        };
+        items.sort_by(|a, b| dist(a).partial_cmp(&dist(b)).unwrap_or(Ordering::Equal));
+    }
+}
+
+/// Reads a JSON object body with keys matched without regard to case.
+fn object(body: &Bytes) -> Result<Map<String, Value>, String> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err("Request decode failed: not an object".into()),
+        Err(e) => Err(format!("Request decode failed: {e}")),
+    }
+}
+
+fn field<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
+    m.iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(k))
+        .map(|(_, v)| v)
+}
+
+fn str_of(m: &Map<String, Value>, k: &str) -> String {
+    field(m, k)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn map_of(m: &Map<String, Value>, k: &str) -> std::collections::BTreeMap<String, String> {
+    field(m, k)
+        .and_then(Value::as_object)
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn health_of(s: &str) -> Option<Health> {
+    match s {
+        "passing" | "" => Some(Health::Passing),
+        "warning" => Some(Health::Warning),
+        "critical" => Some(Health::Critical),
+        _ => None,
+    }
+}
+
+fn now() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+async fn commit(api: &CatalogApi, cmds: Vec<Command>) -> Response {
+    for cmd in cmds {
+        match api.server.write(Request { now: now(), cmd }).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        }
+    }
+    reply(&json!(true), api.server.applied())
+}
+
+/// `PUT /v1/catalog/register`.
+pub async fn register(State(api): State<Arc<CatalogApi>>, body: Bytes) -> Response {
+    let m = match object(&body) {
+        Ok(m) => m,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e),
+    };
+    let node = str_of(&m, "Node");
+    let address = str_of(&m, "Address");
+    if node.is_empty() {
+        return text(StatusCode::BAD_REQUEST, "Must provide node");
+    }
+    if address.is_empty() {
+        return text(StatusCode::BAD_REQUEST, "Must provide address");
+    }
+    let dc = Some(str_of(&m, "Datacenter"))
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| api.agent.datacenter.clone());
+    let mut cmds = vec![Command::RegisterNode {
+        name: node.clone(),
+        address,
+        datacenter: dc,
+        meta: map_of(&m, "NodeMeta"),
+    }];
+    if let Some(Value::Object(s)) = field(&m, "Service") {
+        let name = str_of(s, "Service");
+        if name.is_empty() {
+            return text(StatusCode::BAD_REQUEST, "Must provide service name");
+        }
+        let id = Some(str_of(s, "ID"))
+            .filter(|i| !i.is_empty())
+            .unwrap_or(name.clone());
+        cmds.push(Command::RegisterService {
+            node: node.clone(),
+            service: Service {
+                id,
+                name,
+                tags: field(s, "Tags")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|t| t.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                address: str_of(s, "Address"),
+                port: field(s, "Port")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+                    .min(65535) as u16,
+                meta: map_of(s, "Meta"),
+                create_index: 0,
+                modify_index: 0,
+            },
+        });
+    }
+    let mut checks: Vec<&Map<String, Value>> = Vec::new();
+    if let Some(Value::Object(c)) = field(&m, "Check") {
+        checks.push(c);
+    }
+    if let Some(Value::Array(a)) = field(&m, "Checks") {
+        checks.extend(a.iter().filter_map(Value::as_object));
+    }
+    for c in checks {
+        let Some(status) = health_of(&str_of(c, "Status")) else {
+            return text(StatusCode::BAD_REQUEST, "Invalid check status");
+        };
+        let id = Some(str_of(c, "CheckID"))
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(|| str_of(c, "Name"));
+        cmds.push(Command::RegisterCheck {
+            node: node.clone(),
+            check: Check {
+                name: Some(str_of(c, "Name"))
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or(id.clone()),
+                id,
+                status,
+                output: str_of(c, "Output"),
+                service_id: str_of(c, "ServiceID"),
+                create_index: 0,
+                modify_index: 0,
+            },
+        });
+    }
+    commit(&api, cmds).await
+}
+
+/// `PUT /v1/catalog/deregister`.
+pub async fn deregister(State(api): State<Arc<CatalogApi>>, body: Bytes) -> Response {
+    let m = match object(&body) {
+        Ok(m) => m,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e),
+    };
+    let node = str_of(&m, "Node");
+    if node.is_empty() {
+        return text(StatusCode::BAD_REQUEST, "Must provide node");
+    }
+    let (sid, cid) = (str_of(&m, "ServiceID"), str_of(&m, "CheckID"));
+    let cmd = if !sid.is_empty() {
+        Command::DeregisterService { node, id: sid }
+    } else if !cid.is_empty() {
+        Command::DeregisterCheck { node, id: cid }
+    } else {
+        Command::DeregisterNode { name: node }
+    };
+    commit(&api, vec![cmd]).await
+}
+
+/// `GET /v1/catalog/datacenters`.
+pub async fn datacenters(State(api): State<Arc<CatalogApi>>) -> Response {
+    reply(&json!([api.agent.datacenter]), api.server.applied())
+}
+
+/// `GET /v1/catalog/nodes`.
+pub async fn nodes(State(api): State<Arc<CatalogApi>>, Query(p): Params) -> Response {
+    if let Err(r) = block(&api.server, &p, |c| c.indexes().nodes).await {
+        return r;
+    }
+    let (mut list, index) = api
+        .server
+        .read(|c| (c.nodes().cloned().collect::<Vec<_>>(), c.indexes().nodes));
+    api.sort_near(&p, &mut list, |n| &n.name);
+    reply(&Value::Array(list.iter().map(node_json).collect()), index)
+}
+
+/// `GET /v1/catalog/services`.
+pub async fn services(State(api): State<Arc<CatalogApi>>, Query(p): Params) -> Response {
+    if let Err(r) = block(&api.server, &p, |c| c.indexes().services).await {
+        return r;
+    }
+    let (v, index) = api.server.read(|c| {
+        let m: Map<String, Value> = c
+            .service_names()
+            .into_iter()
+            .map(|(n, tags)| (n.to_string(), json!(tags)))
+            .collect();
+        (Value::Object(m), c.indexes().services)
+    });
+    reply(&v, index)
+}
+
+/// Instances of `name` with every `tag` asked for, by node then ID.
+fn instances(c: &Catalog, name: &str, p: &[(String, String)]) -> Vec<(Node, Service)> {
+    let tags: Vec<&str> = p
+        .iter()
+        .filter(|(k, _)| k == "tag")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    c.service_instances(name)
+        .filter(|(_, s)| tags.iter().all(|t| s.tags.iter().any(|x| x == t)))
+        .map(|(n, s)| (n.clone(), s.clone()))
+        .collect()
+}
+
+fn service_index(c: &Catalog) -> u64 {
+    c.indexes().services.max(c.indexes().nodes)
+}
+
+/// `GET /v1/catalog/service/:name`.
+pub async fn service(
+    State(api): State<Arc<CatalogApi>>,
+    Path(name): Path<String>,
+    Query(p): Params,
+) -> Response {
+    if let Err(r) = block(&api.server, &p, service_index).await {
+        return r;
+    }
+    let (mut list, index) = api
+        .server
+        .read(|c| (instances(c, &name, &p), service_index(c)));
+    api.sort_near(&p, &mut list, |(n, _)| &n.name);
+    reply(
+        &Value::Array(list.iter().map(|(n, s)| service_node_json(n, s)).collect()),
+        index,
+    )
+}
+
+/// `GET /v1/catalog/node/:node`: `null` for an unknown node.
+pub async fn node(
+    State(api): State<Arc<CatalogApi>>,
+    Path(name): Path<String>,
+    Query(p): Params,
+) -> Response {
+    if let Err(r) = block(&api.server, &p, service_index).await {
+        return r;
+    }
+    let (v, index) = api.server.read(|c| {
+        let v = match c.node(&name) {
+            None => Value::Null,
+            Some(n) => {
+                let services: Map<String, Value> = c
+                    .node_services(&name)
+                    .map(|s| (s.id.clone(), node_service_json(s)))
+                    .collect();
+                json!({"Node": node_json(n), "Services": services})
+            }
+        };
+        (v, service_index(c))
+    });
+    reply(&v, index)
+}
+
+fn health_index(c: &Catalog) -> u64 {
+    service_index(c).max(c.indexes().checks)
+}
+
+/// `GET /v1/health/service/:name`: `[{Node, Service, Checks}]`.
+pub async fn health_service(
+    State(api): State<Arc<CatalogApi>>,
+    Path(name): Path<String>,
+    Query(p): Params,
+) -> Response {
+    if let Err(r) = block(&api.server, &p, health_index).await {
+        return r;
+    }
+    let passing = has(&p, "passing")
+        && param(&p, "passing").is_none_or(|v| !matches!(v, "0" | "false" | "False"));
+    let (mut list, index) = api.server.read(|c| {
+        let list: Vec<(String, Value)> = instances(c, &name, &p)
+            .into_iter()
+            .filter(|(n, s)| !passing || c.instance_health(&n.name, &s.id) == Health::Passing)
+            .map(|(n, s)| {
+                let checks: Vec<Value> = c
+                    .node_checks(&n.name)
+                    .filter(|k| k.service_id.is_empty() || k.service_id == s.id)
+                    .map(|k| check_json(c, &n.name, k))
+                    .collect();
+                let v = json!({
+                    "Node": node_json(&n),
+                    "Service": node_service_json(&s),
+                    "Checks": checks,
+                });
+                (n.name, v)
+            })
+            .collect();
+        (list, health_index(c))
+    });
+    api.sort_near(&p, &mut list, |(n, _)| n);
+    reply(
+        &Value::Array(list.into_iter().map(|(_, v)| v).collect()),
+        index,
+    )
+}
+
+/// `GET /v1/health/node/:node`.
+pub async fn health_node(
+    State(api): State<Arc<CatalogApi>>,
+    Path(name): Path<String>,
+    Query(p): Params,
+) -> Response {
+    if let Err(r) = block(&api.server, &p, |c| c.indexes().checks).await {
+        return r;
+    }
+    let (v, index) = api.server.read(|c| {
+        let list: Vec<Value> = c
+            .node_checks(&name)
+            .map(|k| check_json(c, &name, k))
+            .collect();
+        (Value::Array(list), c.indexes().checks)
+    });
+    reply(&v, index)
+}
+
+/// `GET /v1/health/checks/:service`.
+pub async fn health_checks(
+    State(api): State<Arc<CatalogApi>>,
+    Path(name): Path<String>,
+    Query(p): Params,
+) -> Response {
+    if let Err(r) = block(&api.server, &p, health_index).await {
+        return r;
+    }
+    let (mut list, index) = api.server.read(|c| {
+        let mut list = Vec::new();
+        for (n, s) in c.service_instances(&name) {
+            for k in c.node_checks(&n.name).filter(|k| k.service_id == s.id) {
+                list.push((n.name.clone(), check_json(c, &n.name, k)));
+            }
+        }
+        (list, health_index(c))
+    });
+    api.sort_near(&p, &mut list, |(n, _)| n);
+    reply(
+        &Value::Array(list.into_iter().map(|(_, v)| v).collect()),
+        index,
+    )
+}
+
+/// `GET /v1/health/state/:state` (`any`, `passing`, `warning`, `critical`).
+pub async fn health_state(
+    State(api): State<Arc<CatalogApi>>,
+    Path(state): Path<String>,
+    Query(p): Params,
+) -> Response {
+    let want = match state.as_str() {
+        "any" => None,
+        s => match health_of(s).filter(|_| !s.is_empty()) {
+            Some(h) => Some(h),
+            None => return text(StatusCode::BAD_REQUEST, "Invalid state"),
+        },
+    };
+    if let Err(r) = block(&api.server, &p, |c| c.indexes().checks).await {
+        return r;
+    }
+    let (mut list, index) = api.server.read(|c| {
+        let mut list = Vec::new();
+        for n in c.nodes() {
+            for k in c.node_checks(&n.name) {
+                if want.is_none_or(|w| k.status == w) {
+                    list.push((n.name.clone(), check_json(c, &n.name, k)));
+                }
+            }
+        }
+        (list, c.indexes().checks)
+    });
+    api.sort_near(&p, &mut list, |(n, _)| n);
+    reply(
+        &Value::Array(list.into_iter().map(|(_, v)| v).collect()),
+        index,
+    )
+}
+
+/// The catalog and health routes.
+pub fn router(server: Arc<Server>, agent: Arc<Shared>) -> axum::Router {
+    use axum::routing::{get, put};
+    let api = Arc::new(CatalogApi { server, agent });
+    axum::Router::new()
+        .route("/v1/catalog/register", put(register))
+        .route("/v1/catalog/deregister", put(deregister))
+        .route("/v1/catalog/datacenters", get(datacenters))
+        .route("/v1/catalog/nodes", get(nodes))
+        .route("/v1/catalog/services", get(services))
+        .route("/v1/catalog/service/{name}", get(service))
+        .route("/v1/catalog/node/{node}", get(node))
+        .route("/v1/health/service/{name}", get(health_service))
+        .route("/v1/health/node/{node}", get(health_node))
+        .route("/v1/health/checks/{name}", get(health_checks))
+        .route("/v1/health/state/{state}", get(health_state))
+        .with_state(api)
+}
