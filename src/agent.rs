@@ -11,6 +11,7 @@ pub mod catalog_api;
 pub mod http;
 pub mod kv;
 pub mod link;
+pub mod services;
 pub mod session;
 
 use std::cmp::Reverse;
@@ -264,9 +265,12 @@ impl Agent {
             let sessions =
                 session::Sessions::new(server.clone(), cfg.node.clone(), cfg.session_ttl_min);
             app = app.merge(session::router(sessions.clone()));
+            let local = services::AgentServices::new(server.clone(), cfg.node.clone());
+            app = app.merge(services::router(local.clone()));
             housekeeping = Some(tokio::spawn(register_self(
                 server.clone(),
                 sessions,
+                local,
                 cfg.node.clone(),
                 cfg.datacenter.clone(),
                 gossip_addr,
@@ -320,10 +324,12 @@ impl Agent {
 
 /// Registers this agent's node and its `serfHealth` check in the catalog
 /// once a leader is known (what Consul's anti-entropy does, so that
-/// sessions can name the node), then expires session TTLs every second.
+/// sessions can name the node), then every second expires session TTLs
+/// and runs the agent's due checks.
 async fn register_self(
     server: Arc<crate::server::Server>,
     sessions: Arc<session::Sessions>,
+    local: Arc<services::AgentServices>,
     node: String,
     datacenter: String,
     addr: SocketAddr,
@@ -370,6 +376,7 @@ async fn register_self(
     loop {
         tick.tick().await;
         sessions.expire(Instant::now()).await;
+        local.tick(Instant::now()).await;
     }
 }
 

@@ -491,3 +491,96 @@ async fn catalog_and_health_sort_by_rtt_with_near() {
     assert_eq!(st, 400);
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_services_run_ttl_and_tcp_checks() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut cfg = AgentConfig::dev("svc-node");
+    cfg.server = Some(ServerConfig::new(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().to_path_buf(),
+    ));
+    cfg.bootstrap = true;
+    let agent = Agent::start(cfg).await.unwrap();
+    let a = agent.http_addr;
+    // Something for the TCP check to reach.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let _ = listener.accept().await;
+        }
+    });
+    let body = format!(
+        r#"{{"name":"pg","id":"pg-1","port":5432,"tags":["primary"],
+            "checks":[{{"ttl":"2s"}},{{"tcp":"{target}","interval":"500ms","timeout":"1s"}}]}}"#
+    );
+    let start = Instant::now();
+    loop {
+        let (st, _, got) = call(a, "PUT", "/v1/agent/service/register", body.as_bytes()).await;
+        if st == 200 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{st} {got}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, _, got) = call(a, "GET", "/v1/agent/services", b"").await;
+    assert_eq!(json(&got)["pg-1"]["Port"], 5432);
+    let status = |got: &str, id: &str| json(got)[id]["Status"].as_str().unwrap_or("").to_string();
+    // TTL checks start critical; the TCP one passes once run.
+    let (_, _, got) = call(a, "GET", "/v1/agent/checks", b"").await;
+    assert_eq!(status(&got, "service:pg-1:1"), "critical", "{got}");
+    let start = Instant::now();
+    loop {
+        let (_, _, got) = call(a, "GET", "/v1/agent/checks", b"").await;
+        if status(&got, "service:pg-1:2") == "passing" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{got}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // python-consul sends GET to pass a check.
+    let (st, _, _) = call(a, "GET", "/v1/agent/check/pass/service:pg-1:1?note=ok", b"").await;
+    assert_eq!(st, 200);
+    let (_, _, got) = call(a, "GET", "/v1/health/service/pg?passing", b"").await;
+    assert_eq!(json(&got).as_array().unwrap().len(), 1, "{got}");
+    // Not renewed within its TTL: critical, and `passing` filters it out.
+    let start = Instant::now();
+    loop {
+        let (_, _, got) = call(a, "GET", "/v1/agent/checks", b"").await;
+        if status(&got, "service:pg-1:1") == "critical" {
+            assert_eq!(json(&got)["service:pg-1:1"]["Output"], "TTL expired");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(6), "{got}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "expired too early"
+    );
+    let (_, _, got) = call(a, "GET", "/v1/health/service/pg?passing", b"").await;
+    assert_eq!(json(&got), serde_json::json!([]));
+    // Unknown check: 404; update with a status.
+    let (st, _, _) = call(a, "PUT", "/v1/agent/check/pass/nope", b"").await;
+    assert_eq!(st, 404);
+    let (st, _, _) = call(
+        a,
+        "PUT",
+        "/v1/agent/check/update/service:pg-1:1",
+        br#"{"Status":"warning","Output":"slow"}"#,
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (_, _, got) = call(a, "GET", "/v1/agent/checks", b"").await;
+    assert_eq!(status(&got, "service:pg-1:1"), "warning");
+    // Deregistering (GET, as python-consul does) takes the checks along.
+    let (st, _, _) = call(a, "GET", "/v1/agent/service/deregister/pg-1", b"").await;
+    assert_eq!(st, 200);
+    let (_, _, got) = call(a, "GET", "/v1/agent/services", b"").await;
+    assert_eq!(json(&got), serde_json::json!({}));
+    let (_, _, got) = call(a, "GET", "/v1/agent/checks", b"").await;
+    assert!(json(&got).get("service:pg-1:1").is_none(), "{got}");
+    agent.shutdown().await;
+}

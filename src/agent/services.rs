@@ -1,0 +1,568 @@
+//! Consul's agent service and check endpoints (`consul-api.md` §3.4) on an
+//! agent that runs a server: register and deregister services with their
+//! checks, TTL checks turned critical when not updated in time, TCP and
+//! HTTP checks run every interval, `check/pass|warn|fail|update`. GET is
+//! accepted where python-consul 0.7.1 (Patroni's) sends it. Services and
+//! checks are written straight to the catalog, so agent and catalog agree
+//! without a separate anti-entropy pass.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use super::kv::parse_go_duration;
+use crate::catalog::{Check, Command, Health, Service};
+use crate::raft::Request;
+use crate::server::Server;
+
+/// How a check is run.
+#[derive(Debug, Clone)]
+enum Probe {
+    /// Updated by the application; critical when `ttl` passes without.
+    Ttl(Duration),
+    /// `GET url`: 2xx passing, 429 warning, else critical.
+    Http(String),
+    /// A TCP connect.
+    Tcp(String),
+}
+
+#[derive(Debug, Clone)]
+struct LocalCheck {
+    probe: Probe,
+    interval: Duration,
+    timeout: Duration,
+    /// TTL: when it expires; others: when it runs next.
+    due: Instant,
+}
+
+/// The agent's local services and checks.
+pub struct AgentServices {
+    server: Arc<Server>,
+    node: String,
+    checks: Mutex<HashMap<String, LocalCheck>>,
+}
+
+type Params = Query<HashMap<String, String>>;
+
+fn text(status: StatusCode, msg: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        msg.to_string(),
+    )
+        .into_response()
+}
+
+fn field<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
+    m.iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(k))
+        .map(|(_, v)| v)
+}
+
+fn str_of(m: &Map<String, Value>, k: &str) -> String {
+    field(m, k)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn dur_of(m: &Map<String, Value>, k: &str) -> Result<Option<Duration>, String> {
+    match field(m, k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => parse_go_duration(s)
+            .map(Some)
+            .ok_or_else(|| format!("Request decode failed: invalid duration {s:?} for {k}")),
+        Some(Value::Number(n)) => Ok(Some(Duration::from_nanos(n.as_u64().unwrap_or(0)))),
+        Some(_) => Err(format!("Request decode failed: {k}")),
+    }
+}
+
+fn now() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+impl AgentServices {
+    /// The endpoints for agent `node`, backed by `server`.
+    pub fn new(server: Arc<Server>, node: String) -> Arc<AgentServices> {
+        Arc::new(AgentServices {
+            server,
+            node,
+            checks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn write(&self, cmd: Command) -> Result<(), String> {
+        match self.server.write(Request { now: now(), cmd }).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Parses a check definition and registers it (catalog and runner).
+    async fn add_check(
+        &self,
+        c: &Map<String, Value>,
+        service_id: &str,
+        fallback_id: String,
+    ) -> Result<(), String> {
+        let ttl = dur_of(c, "TTL")?;
+        let interval = dur_of(c, "Interval")?.unwrap_or(Duration::from_secs(10));
+        let timeout = dur_of(c, "Timeout")?.unwrap_or(Duration::from_secs(10));
+        let (http, tcp) = (str_of(c, "HTTP"), str_of(c, "TCP"));
+        let probe = match (ttl, http.is_empty(), tcp.is_empty()) {
+            (Some(t), _, _) => Probe::Ttl(t),
+            (None, false, _) => Probe::Http(http),
+            (None, true, false) => Probe::Tcp(tcp),
+            _ => return Err("Check types that are not TTL, HTTP or TCP are not supported".into()),
+        };
+        let id = [str_of(c, "CheckID"), str_of(c, "ID")]
+            .into_iter()
+            .find(|i| !i.is_empty())
+            .unwrap_or(fallback_id);
+        let status = match str_of(c, "Status").as_str() {
+            "passing" => Health::Passing,
+            "warning" => Health::Warning,
+            // Consul's checks start critical until they pass.
+            _ => Health::Critical,
+        };
+        let name = Some(str_of(c, "Name"))
+            .filter(|n| !n.is_empty())
+            .unwrap_or(id.clone());
+        let service_id = Some(str_of(c, "ServiceID"))
+            .filter(|s| !s.is_empty())
+            .unwrap_or(service_id.to_string());
+        self.write(Command::RegisterCheck {
+            node: self.node.clone(),
+            check: Check {
+                id: id.clone(),
+                name,
+                status,
+                output: String::new(),
+                service_id,
+                create_index: 0,
+                modify_index: 0,
+            },
+        })
+        .await?;
+        let due = Instant::now()
+            + match probe {
+                Probe::Ttl(t) => t,
+                _ => Duration::ZERO,
+            };
+        self.checks.lock().expect("not poisoned").insert(
+            id,
+            LocalCheck {
+                probe,
+                interval,
+                timeout,
+                due,
+            },
+        );
+        Ok(())
+    }
+
+    async fn set_status(&self, id: &str, status: Health, output: String) -> Result<(), String> {
+        if let Some(c) = self.checks.lock().expect("not poisoned").get_mut(id)
+            && let Probe::Ttl(t) = c.probe
+        {
+            c.due = Instant::now() + t;
+        }
+        self.write(Command::UpdateCheck {
+            node: self.node.clone(),
+            id: id.to_string(),
+            status,
+            output,
+        })
+        .await
+    }
+
+    /// Runs due checks and expires TTLs; call it every second or so.
+    pub async fn tick(&self, now: Instant) {
+        let due: Vec<(String, LocalCheck)> = {
+            let mut checks = self.checks.lock().expect("not poisoned");
+            let mut due = Vec::new();
+            for (id, c) in checks.iter_mut() {
+                if c.due <= now {
+                    due.push((id.clone(), c.clone()));
+                    c.due = match c.probe {
+                        // Expired: stays critical until updated.
+                        Probe::Ttl(_) => now + Duration::from_secs(24 * 3600),
+                        _ => now + c.interval,
+                    };
+                }
+            }
+            due
+        };
+        for (id, c) in due {
+            let (status, output) = match &c.probe {
+                Probe::Ttl(_) => (Health::Critical, "TTL expired".to_string()),
+                Probe::Tcp(addr) => run_tcp(addr, c.timeout).await,
+                Probe::Http(url) => run_http(url, c.timeout).await,
+            };
+            let _ = self
+                .write(Command::UpdateCheck {
+                    node: self.node.clone(),
+                    id,
+                    status,
+                    output,
+                })
+                .await;
+        }
+    }
+}
+
+async fn run_tcp(addr: &str, timeout: Duration) -> (Health, String) {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => (Health::Passing, format!("TCP connect {addr}: Success")),
+        Ok(Err(e)) => (Health::Critical, format!("dial tcp {addr}: {e}")),
+        Err(_) => (Health::Critical, format!("dial tcp {addr}: i/o timeout")),
+    }
+}
+
+/// A plain `http://host:port/path` GET.
+async fn run_http(url: &str, timeout: Duration) -> (Health, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(rest) = url.strip_prefix("http://") else {
+        return (Health::Critical, format!("unsupported URL {url}"));
+    };
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(host).await?;
+        s.write_all(
+            format!(
+                "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: Consul Health Check\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await?;
+        Ok::<String, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    match tokio::time::timeout(timeout, fetch).await {
+        Ok(Ok(head)) => {
+            let code: u16 = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let status = match code {
+                200..=299 => Health::Passing,
+                429 => Health::Warning,
+                _ => Health::Critical,
+            };
+            (status, format!("HTTP GET {url}: {code}"))
+        }
+        Ok(Err(e)) => (Health::Critical, format!("Get {url}: {e}")),
+        Err(_) => (Health::Critical, format!("Get {url}: timeout")),
+    }
+}
+
+/// `PUT /v1/agent/service/register`.
+pub async fn register_service(State(st): State<Arc<AgentServices>>, body: Bytes) -> Response {
+    let m = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "Request decode failed: not an object",
+            );
+        }
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("Request decode failed: {e}"),
+            );
+        }
+    };
+    let name = str_of(&m, "Name");
+    if name.is_empty() {
+        return text(StatusCode::BAD_REQUEST, "Missing service name");
+    }
+    let id = Some(str_of(&m, "ID"))
+        .filter(|i| !i.is_empty())
+        .unwrap_or(name.clone());
+    let service = Service {
+        id: id.clone(),
+        name,
+        tags: field(&m, "Tags")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        address: str_of(&m, "Address"),
+        port: field(&m, "Port")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+            .min(65535) as u16,
+        meta: field(&m, "Meta")
+            .and_then(Value::as_object)
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        create_index: 0,
+        modify_index: 0,
+    };
+    if let Err(e) = st
+        .write(Command::RegisterService {
+            node: st.node.clone(),
+            service,
+        })
+        .await
+    {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, &e);
+    }
+    let mut checks: Vec<Map<String, Value>> = Vec::new();
+    if let Some(Value::Object(c)) = field(&m, "Check") {
+        checks.push(c.clone());
+    }
+    if let Some(Value::Array(a)) = field(&m, "Checks") {
+        checks.extend(a.iter().filter_map(|c| c.as_object().cloned()));
+    }
+    let n = checks.len();
+    for (k, c) in checks.iter().enumerate() {
+        // Consul's IDs for unnamed service checks.
+        let fallback = if n == 1 {
+            format!("service:{id}")
+        } else {
+            format!("service:{id}:{}", k + 1)
+        };
+        if let Err(e) = st.add_check(c, &id, fallback).await {
+            return text(StatusCode::BAD_REQUEST, &e);
+        }
+    }
+    StatusCode::OK.into_response()
+}
+
+/// `PUT|GET /v1/agent/service/deregister/:id`.
+pub async fn deregister_service(
+    State(st): State<Arc<AgentServices>>,
+    Path(id): Path<String>,
+) -> Response {
+    let known = st
+        .server
+        .read(|c| c.node_services(&st.node).any(|s| s.id == id));
+    if !known {
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name."
+            ),
+        );
+    }
+    let owned: Vec<String> = st.server.read(|c| {
+        c.node_checks(&st.node)
+            .filter(|k| k.service_id == id)
+            .map(|k| k.id.clone())
+            .collect()
+    });
+    {
+        let mut checks = st.checks.lock().expect("not poisoned");
+        for c in owned {
+            checks.remove(&c);
+        }
+    }
+    match st
+        .write(Command::DeregisterService {
+            node: st.node.clone(),
+            id,
+        })
+        .await
+    {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+/// `GET /v1/agent/services`: `{id: service}`.
+pub async fn services(State(st): State<Arc<AgentServices>>) -> Response {
+    let v: Map<String, Value> = st.server.read(|c| {
+        c.node_services(&st.node)
+            .map(|s| {
+                (
+                    s.id.clone(),
+                    json!({"ID": s.id, "Service": s.name, "Tags": s.tags, "Meta": s.meta,
+                           "Port": s.port, "Address": s.address,
+                           "Weights": {"Passing": 1, "Warning": 1}, "EnableTagOverride": false,
+                           "Datacenter": c.node(&st.node).map(|n| n.datacenter.clone()).unwrap_or_default()}),
+                )
+            })
+            .collect()
+    });
+    axum::Json(Value::Object(v)).into_response()
+}
+
+/// `GET /v1/agent/checks`: `{id: check}`.
+pub async fn checks(State(st): State<Arc<AgentServices>>) -> Response {
+    let v: Map<String, Value> = st.server.read(|c| {
+        c.node_checks(&st.node)
+            .map(|k| {
+                (
+                    k.id.clone(),
+                    json!({"Node": st.node, "CheckID": k.id, "Name": k.name, "Status": k.status.as_str(),
+                           "Notes": "", "Output": k.output, "ServiceID": k.service_id, "ServiceName":
+                           c.node_services(&st.node).find(|s| s.id == k.service_id).map(|s| s.name.clone()).unwrap_or_default()}),
+                )
+            })
+            .collect()
+    });
+    axum::Json(Value::Object(v)).into_response()
+}
+
+/// `PUT /v1/agent/check/register`.
+pub async fn register_check(State(st): State<Arc<AgentServices>>, body: Bytes) -> Response {
+    let m = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(m)) => m,
+        _ => return text(StatusCode::BAD_REQUEST, "Request decode failed"),
+    };
+    let name = str_of(&m, "Name");
+    if name.is_empty() {
+        return text(StatusCode::BAD_REQUEST, "Missing check name");
+    }
+    match st.add_check(&m, "", name).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => text(StatusCode::BAD_REQUEST, &e),
+    }
+}
+
+/// `PUT|GET /v1/agent/check/deregister/:id`.
+pub async fn deregister_check(
+    State(st): State<Arc<AgentServices>>,
+    Path(id): Path<String>,
+) -> Response {
+    st.checks.lock().expect("not poisoned").remove(&id);
+    match st
+        .write(Command::DeregisterCheck {
+            node: st.node.clone(),
+            id,
+        })
+        .await
+    {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+async fn mark(st: &AgentServices, id: String, status: Health, output: String) -> Response {
+    let known = st
+        .server
+        .read(|c| c.node_checks(&st.node).any(|k| k.id == id));
+    if !known {
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "Unknown check ID {id:?}. Ensure that the check ID is passed, not the check name."
+            ),
+        );
+    }
+    match st.set_status(&id, status, output).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+/// `PUT|GET /v1/agent/check/pass/:id?note=`.
+pub async fn pass(
+    State(st): State<Arc<AgentServices>>,
+    Path(id): Path<String>,
+    Query(p): Params,
+) -> Response {
+    mark(
+        &st,
+        id,
+        Health::Passing,
+        p.get("note").cloned().unwrap_or_default(),
+    )
+    .await
+}
+
+/// `PUT|GET /v1/agent/check/warn/:id?note=`.
+pub async fn warn(
+    State(st): State<Arc<AgentServices>>,
+    Path(id): Path<String>,
+    Query(p): Params,
+) -> Response {
+    mark(
+        &st,
+        id,
+        Health::Warning,
+        p.get("note").cloned().unwrap_or_default(),
+    )
+    .await
+}
+
+/// `PUT|GET /v1/agent/check/fail/:id?note=`.
+pub async fn fail(
+    State(st): State<Arc<AgentServices>>,
+    Path(id): Path<String>,
+    Query(p): Params,
+) -> Response {
+    mark(
+        &st,
+        id,
+        Health::Critical,
+        p.get("note").cloned().unwrap_or_default(),
+    )
+    .await
+}
+
+/// `PUT /v1/agent/check/update/:id` with `{"Status", "Output"}`.
+pub async fn update(
+    State(st): State<Arc<AgentServices>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let m = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(m)) => m,
+        _ => return text(StatusCode::BAD_REQUEST, "Request decode failed"),
+    };
+    let status = match str_of(&m, "Status").as_str() {
+        "passing" => Health::Passing,
+        "warning" => Health::Warning,
+        "critical" => Health::Critical,
+        other => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("Invalid check status: {other:?}"),
+            );
+        }
+    };
+    mark(&st, id, status, str_of(&m, "Output")).await
+}
+
+/// The routes.
+pub fn router(st: Arc<AgentServices>) -> axum::Router {
+    use axum::routing::{get, put};
+    axum::Router::new()
+        .route("/v1/agent/services", get(services))
+        .route("/v1/agent/checks", get(checks))
+        .route("/v1/agent/service/register", put(register_service))
+        .route(
+            "/v1/agent/service/deregister/{id}",
+            put(deregister_service).get(deregister_service),
+        )
+        .route("/v1/agent/check/register", put(register_check))
+        .route(
+            "/v1/agent/check/deregister/{id}",
+            put(deregister_check).get(deregister_check),
+        )
+        .route("/v1/agent/check/pass/{id}", put(pass).get(pass))
+        .route("/v1/agent/check/warn/{id}", put(warn).get(warn))
+        .route("/v1/agent/check/fail/{id}", put(fail).get(fail))
+        .route("/v1/agent/check/update/{id}", put(update))
+        .with_state(st)
+}
