@@ -24,7 +24,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | `plot` | PNG/SVG figures (plotters) from `tomo sim --out` directories and datasets |
-//! | `agent` | the agent process: the UDP gossip driver (tokio, socket2), user-space link emulation, the HTTP API (axum) in Consul's shapes |
+//! | `agent` | the agent process: the UDP gossip driver (tokio, socket2), user-space link emulation, the HTTP API (axum) in Consul's shapes; with a server, the KV, session, catalog/health (`?near=`) and agent service/check endpoints |
 //! | `raft` | openraft 0.9 for the servers: the type config, and the redb-backed log and state machine (the catalog) |
 //! | `server` | a registry server: a Raft member holding the catalog, peer RPC on TCP, writes forwarded to the leader, `?stale` and `?consistent` reads |
 //! | `cli` | the `tomo` command (clap): `sim`, `dataset`, `plot`, `agent`, `demo`, `members`, `rtt`, `info`; the binary's `main` only calls it |
