@@ -13,6 +13,7 @@ pub mod kv;
 pub mod link;
 pub mod services;
 pub mod session;
+pub mod status;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -261,6 +262,7 @@ impl Agent {
                 let _ = server.initialize(me).await;
             }
             app = app.merge(kv::router(server.clone()));
+            app = app.merge(status::router(server.clone()));
             app = app.merge(catalog_api::router(server.clone(), shared.clone()));
             let sessions =
                 session::Sessions::new(server.clone(), cfg.node.clone(), cfg.session_ttl_min);

@@ -318,6 +318,19 @@ impl Server {
         self.raft.current_leader().await
     }
 
+    /// The group as this server sees it: (ID, RPC address, voter) for every
+    /// member, by ID, and the leader's ID.
+    pub fn configuration(&self) -> (Vec<(u64, String, bool)>, Option<u64>) {
+        let m = self.raft.metrics().borrow().clone();
+        let voters: std::collections::BTreeSet<u64> = m.membership_config.voter_ids().collect();
+        let members = m
+            .membership_config
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone(), voters.contains(id)))
+            .collect();
+        (members, m.current_leader)
+    }
+
     /// The last log index applied to this server's catalog.
     pub fn applied(&self) -> u64 {
         self.sm.read(|c| c.last_applied())

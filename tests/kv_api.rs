@@ -190,6 +190,35 @@ async fn kv_follows_consul() {
         "{took:?}"
     );
 
+    // ?consistent reads through the leader's quorum check; with ?stale it
+    // is a conflict.
+    let (st, _, body) = call(a, "GET", "/v1/kv/web/a?consistent", b"").await;
+    assert_eq!(st, 200, "{body}");
+    let (st, _, body) = call(a, "GET", "/v1/kv/web/a?consistent&stale", b"").await;
+    assert_eq!(
+        (st, body.as_str()),
+        (
+            400,
+            "Cannot specify ?stale with ?consistent, conflicting semantics."
+        )
+    );
+    // Raft status.
+    let rpc = agent.registry.as_ref().unwrap().rpc_addr.to_string();
+    let (_, _, body) = call(a, "GET", "/v1/status/leader", b"").await;
+    assert_eq!(json(&body), serde_json::json!(rpc));
+    let (_, _, body) = call(a, "GET", "/v1/status/peers", b"").await;
+    assert_eq!(json(&body), serde_json::json!([rpc]));
+    let (_, _, body) = call(a, "GET", "/v1/operator/raft/configuration", b"").await;
+    let servers = &json(&body)["Servers"];
+    assert_eq!(servers[0]["Address"], rpc.as_str());
+    assert_eq!(
+        (
+            servers[0]["Leader"].as_bool(),
+            servers[0]["Voter"].as_bool()
+        ),
+        (Some(true), Some(true))
+    );
+
     // Delete a prefix: true, then 404 with an index that went up.
     let (_, _, body) = call(a, "DELETE", "/v1/kv/web/?recurse", b"").await;
     assert_eq!(body, "true");

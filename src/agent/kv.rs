@@ -178,8 +178,22 @@ pub async fn get(
     if single && key.is_empty() {
         return text(StatusCode::BAD_REQUEST, "Missing key name", 1);
     }
+    if p.contains_key("stale") && p.contains_key("consistent") {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "Cannot specify ?stale with ?consistent, conflicting semantics.",
+            1,
+        );
+    }
     if let Err(e) = block(&server, &p, &key, single).await {
         return text(StatusCode::BAD_REQUEST, &e, 1);
+    }
+    // ?consistent: confirm leadership with a quorum and wait for everything
+    // committed to be applied before reading (only the leader can).
+    if p.contains_key("consistent")
+        && let Err(e) = server.read_consistent(|_| ()).await
+    {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), 1);
     }
     let pretty = p.contains_key("pretty");
     server.read(|c| {
