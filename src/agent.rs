@@ -270,6 +270,7 @@ impl Agent {
             let local = services::AgentServices::new(server.clone(), cfg.node.clone());
             app = app.merge(services::router(local.clone()));
             housekeeping = Some(tokio::spawn(register_self(
+                shared.clone(),
                 server.clone(),
                 sessions,
                 local,
@@ -329,6 +330,7 @@ impl Agent {
 /// sessions can name the node), then every second expires session TTLs
 /// and runs the agent's due checks.
 async fn register_self(
+    shared: Arc<Shared>,
     server: Arc<crate::server::Server>,
     sessions: Arc<session::Sessions>,
     local: Arc<services::AgentServices>,
@@ -379,6 +381,57 @@ async fn register_self(
         tick.tick().await;
         sessions.expire(Instant::now()).await;
         local.tick(Instant::now()).await;
+        sync_serf_health(&shared, &server).await;
+    }
+}
+
+/// Drives every catalog node's `serfHealth` check from gossip membership:
+/// critical once the member is down (which invalidates its sessions, as
+/// in Consul), passing while it is up. Nodes gossip does not know are
+/// left alone.
+async fn sync_serf_health(shared: &Shared, server: &crate::server::Server) {
+    use crate::catalog::{Command, Health, SERF_HEALTH};
+    let states: HashMap<String, bool> = {
+        let g = shared.gossip.lock().expect("not poisoned");
+        g.membership_iter()
+            .map(|(id, st)| (id.name.clone(), st != foca::State::Down))
+            .collect()
+    };
+    let changes: Vec<(String, Health)> = server.read(|c| {
+        c.nodes()
+            .filter_map(|n| {
+                let check = c.node_checks(&n.name).find(|k| k.id == SERF_HEALTH)?;
+                let up = if n.name == shared.node {
+                    true
+                } else {
+                    *states.get(&n.name)?
+                };
+                let want = if up {
+                    Health::Passing
+                } else {
+                    Health::Critical
+                };
+                (check.status != want).then(|| (n.name.clone(), want))
+            })
+            .collect()
+    });
+    for (node, status) in changes {
+        let output = match status {
+            Health::Passing => "Agent alive and reachable",
+            _ => "Agent not live or unreachable",
+        };
+        let req = crate::raft::Request {
+            now: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+            cmd: Command::UpdateCheck {
+                node,
+                id: SERF_HEALTH.into(),
+                status,
+                output: output.into(),
+            },
+        };
+        let _ = server.write(req).await;
     }
 }
 

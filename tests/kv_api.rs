@@ -613,3 +613,60 @@ async fn agent_services_run_ttl_and_tcp_checks() {
     assert!(json(&got).get("service:pg-1:1").is_none(), "{got}");
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_member_loses_its_sessions_and_locks() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut cfg = AgentConfig::dev("server-a");
+    cfg.probe_interval = Duration::from_millis(100);
+    cfg.server = Some(ServerConfig::new(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().to_path_buf(),
+    ));
+    cfg.bootstrap = true;
+    let server = Agent::start(cfg).await.unwrap();
+    let a = server.http_addr;
+    let mut cfg = AgentConfig::dev("client-b");
+    cfg.probe_interval = Duration::from_millis(100);
+    cfg.join = vec![server.gossip_addr];
+    let client = Agent::start(cfg).await.unwrap();
+    // client-b's node with its serfHealth, a session and a lock.
+    let reg = br#"{"Node":"client-b","Address":"127.0.0.1","Check":{"CheckID":"serfHealth","Name":"Serf Health Status","Status":"passing"}}"#;
+    let start = Instant::now();
+    let sid = loop {
+        let (st, _, _) = call(a, "PUT", "/v1/catalog/register", reg).await;
+        let (cs, _, body) = call(a, "PUT", "/v1/session/create", br#"{"Node":"client-b"}"#).await;
+        if st == 200 && cs == 200 {
+            break json(&body)["ID"].as_str().unwrap().to_string();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{cs} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (_, _, got) = call(a, "PUT", &format!("/v1/kv/locks/db?acquire={sid}"), b"b").await;
+    assert_eq!(got, "true");
+    // While client-b is alive, its check stays passing and the lock held.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, _, body) = call(a, "GET", "/v1/kv/locks/db", b"").await;
+    assert_eq!(json(&body)[0]["Session"], sid.as_str(), "{body}");
+    // client-b dies: gossip declares it down, serfHealth goes critical and
+    // the session and its lock go with it.
+    client.abort();
+    let start = Instant::now();
+    loop {
+        let (_, _, body) = call(a, "GET", &format!("/v1/session/info/{sid}"), b"").await;
+        if json(&body) == serde_json::json!([]) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "session survived its node"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, _, body) = call(a, "GET", "/v1/health/node/client-b", b"").await;
+    assert_eq!(json(&body)[0]["Status"], "critical", "{body}");
+    let (_, _, body) = call(a, "GET", "/v1/kv/locks/db", b"").await;
+    assert!(json(&body)[0].get("Session").is_none(), "{body}");
+    server.shutdown().await;
+}
