@@ -14,6 +14,7 @@ pub mod link;
 pub mod services;
 pub mod session;
 pub mod status;
+pub mod wire;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};

@@ -7,7 +7,7 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -17,8 +17,8 @@ use serde_json::{Map, Value, json};
 
 use super::Shared;
 use super::kv::parse_go_duration;
+use super::wire::{field, request, str_of, text};
 use crate::catalog::{Catalog, Check, Command, Health, Node, Service};
-use crate::raft::Request;
 use crate::server::Server;
 use crate::vivaldi::Coordinate;
 
@@ -36,15 +36,6 @@ fn param<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
 
 fn has(p: &[(String, String)], k: &str) -> bool {
     p.iter().any(|(n, _)| n == k)
-}
-
-fn text(status: StatusCode, msg: &str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        msg.to_string(),
-    )
-        .into_response()
 }
 
 fn reply(v: &Value, index: u64) -> Response {
@@ -210,19 +201,6 @@ fn object(body: &Bytes) -> Result<Map<String, Value>, String> {
     }
 }
 
-fn field<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
-    m.iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(k))
-        .map(|(_, v)| v)
-}
-
-fn str_of(m: &Map<String, Value>, k: &str) -> String {
-    field(m, k)
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn map_of(m: &Map<String, Value>, k: &str) -> std::collections::BTreeMap<String, String> {
     field(m, k)
         .and_then(Value::as_object)
@@ -243,15 +221,9 @@ fn health_of(s: &str) -> Option<Health> {
     }
 }
 
-fn now() -> Duration {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-}
-
 async fn commit(api: &CatalogApi, cmds: Vec<Command>) -> Response {
     for cmd in cmds {
-        match api.server.write(Request { now: now(), cmd }).await {
+        match api.server.write(request(cmd)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
             Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),

@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde_json::{Value, json};
 
+use super::wire::request;
 use crate::catalog::{Catalog, CatalogError, Command, KvEntry, KvSet, Outcome};
-use crate::raft::Request;
 use crate::server::Server;
 
 /// Consul's default and longest blocking waits.
@@ -244,14 +244,8 @@ fn not_found(index: u64) -> Response {
     r
 }
 
-fn now() -> Duration {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-}
-
 async fn commit(server: &Server, cmd: Command) -> Response {
-    match server.write(Request { now: now(), cmd }).await {
+    match server.write(request(cmd)).await {
         Ok(Ok(Outcome::Bool(b))) => {
             let index = server.applied();
             let mut r = (

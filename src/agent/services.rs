@@ -8,17 +8,17 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::kv::parse_go_duration;
+use super::wire::{field, request, str_of, text};
 use crate::catalog::{Check, Command, Health, Service};
-use crate::raft::Request;
 use crate::server::Server;
 
 /// How a check is run.
@@ -50,28 +50,6 @@ pub struct AgentServices {
 
 type Params = Query<HashMap<String, String>>;
 
-fn text(status: StatusCode, msg: &str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        msg.to_string(),
-    )
-        .into_response()
-}
-
-fn field<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
-    m.iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(k))
-        .map(|(_, v)| v)
-}
-
-fn str_of(m: &Map<String, Value>, k: &str) -> String {
-    field(m, k)
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn dur_of(m: &Map<String, Value>, k: &str) -> Result<Option<Duration>, String> {
     match field(m, k) {
         None | Some(Value::Null) => Ok(None),
@@ -82,12 +60,6 @@ fn dur_of(m: &Map<String, Value>, k: &str) -> Result<Option<Duration>, String> {
         Some(Value::Number(n)) => Ok(Some(Duration::from_nanos(n.as_u64().unwrap_or(0)))),
         Some(_) => Err(format!("Request decode failed: {k}")),
     }
-}
-
-fn now() -> Duration {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
 }
 
 impl AgentServices {
@@ -101,7 +73,7 @@ impl AgentServices {
     }
 
     async fn write(&self, cmd: Command) -> Result<(), String> {
-        match self.server.write(Request { now: now(), cmd }).await {
+        match self.server.write(request(cmd)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(e.to_string()),

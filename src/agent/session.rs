@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::kv::parse_go_duration;
+use super::wire::{field, request, text};
 use crate::catalog::{Behavior, Command, DEFAULT_LOCK_DELAY, Outcome, SERF_HEALTH, Session};
-use crate::raft::Request;
 use crate::server::Server;
 
 /// Consul's default `session_ttl_min`.
@@ -69,24 +69,6 @@ impl Sessions {
                 .await;
         }
     }
-}
-
-fn request(cmd: Command) -> Request {
-    Request {
-        now: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default(),
-        cmd,
-    }
-}
-
-fn text(status: StatusCode, msg: &str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        msg.to_string(),
-    )
-        .into_response()
 }
 
 fn json_reply(v: &Value, index: u64) -> Response {
@@ -155,14 +137,6 @@ fn uuid() -> String {
         &h[17..20],
         &h[20..32]
     )
-}
-
-/// The value of `key` in a JSON object, matched without regard to case
-/// (python-consul sends lowercase keys).
-fn field<'a>(body: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a Value> {
-    body.iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(key))
-        .map(|(_, v)| v)
 }
 
 /// `LockDelay`: a Go duration string or a number of nanoseconds; under
