@@ -447,49 +447,20 @@ async fn mark(st: &AgentServices, id: String, status: Health, output: String) ->
     }
 }
 
-/// `PUT|GET /v1/agent/check/pass/:id?note=`.
-pub async fn pass(
+/// `PUT|GET /v1/agent/check/{pass,warn,fail}/:id?note=`.
+pub async fn verdict(
     State(st): State<Arc<AgentServices>>,
-    Path(id): Path<String>,
+    Path((verdict, id)): Path<(String, String)>,
     Query(p): Params,
 ) -> Response {
-    mark(
-        &st,
-        id,
-        Health::Passing,
-        p.get("note").cloned().unwrap_or_default(),
-    )
-    .await
-}
-
-/// `PUT|GET /v1/agent/check/warn/:id?note=`.
-pub async fn warn(
-    State(st): State<Arc<AgentServices>>,
-    Path(id): Path<String>,
-    Query(p): Params,
-) -> Response {
-    mark(
-        &st,
-        id,
-        Health::Warning,
-        p.get("note").cloned().unwrap_or_default(),
-    )
-    .await
-}
-
-/// `PUT|GET /v1/agent/check/fail/:id?note=`.
-pub async fn fail(
-    State(st): State<Arc<AgentServices>>,
-    Path(id): Path<String>,
-    Query(p): Params,
-) -> Response {
-    mark(
-        &st,
-        id,
-        Health::Critical,
-        p.get("note").cloned().unwrap_or_default(),
-    )
-    .await
+    let status = match verdict.as_str() {
+        "pass" => Health::Passing,
+        "warn" => Health::Warning,
+        "fail" => Health::Critical,
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    let note = p.get("note").cloned().unwrap_or_default();
+    mark(&st, id, status, note).await
 }
 
 /// `PUT /v1/agent/check/update/:id` with `{"Status", "Output"}`.
@@ -532,9 +503,7 @@ pub fn router(st: Arc<AgentServices>) -> axum::Router {
             "/v1/agent/check/deregister/{id}",
             put(deregister_check).get(deregister_check),
         )
-        .route("/v1/agent/check/pass/{id}", put(pass).get(pass))
-        .route("/v1/agent/check/warn/{id}", put(warn).get(warn))
-        .route("/v1/agent/check/fail/{id}", put(fail).get(fail))
+        .route("/v1/agent/check/{verdict}/{id}", put(verdict).get(verdict))
         .route("/v1/agent/check/update/{id}", put(update))
         .with_state(st)
 }
