@@ -45,6 +45,18 @@ async fn call(
         .unwrap()
 }
 
+/// `cfg` running a single bootstrapped server with its data in `dir`
+/// (what `-dev` does).
+fn with_server(mut cfg: AgentConfig, dir: &tempfile::TempDir) -> AgentConfig {
+    cfg.server = Some(ServerConfig::new(
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().to_path_buf(),
+    ));
+    cfg.bootstrap = true;
+    cfg
+}
+
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
@@ -52,13 +64,7 @@ fn json(body: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_follows_consul() {
     let dir = tempfile::TempDir::new().unwrap();
-    let mut cfg = AgentConfig::dev("kv-node");
-    cfg.server = Some(ServerConfig::new(
-        1,
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path().to_path_buf(),
-    ));
-    cfg.bootstrap = true;
+    let cfg = with_server(AgentConfig::dev("kv-node"), &dir);
     let agent = Agent::start(cfg).await.unwrap();
     let a = agent.http_addr;
     // The single server elects itself.
@@ -231,13 +237,7 @@ async fn kv_follows_consul() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_and_locks_follow_consul() {
     let dir = tempfile::TempDir::new().unwrap();
-    let mut cfg = AgentConfig::dev("lock-node");
-    cfg.server = Some(ServerConfig::new(
-        1,
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path().to_path_buf(),
-    ));
-    cfg.bootstrap = true;
+    let mut cfg = with_server(AgentConfig::dev("lock-node"), &dir);
     // Short TTLs for the test (Consul's `session_ttl_min`).
     cfg.session_ttl_min = Duration::from_secs(1);
     let agent = Agent::start(cfg).await.unwrap();
@@ -385,13 +385,7 @@ fn names(body: &str, node_key: &[&str]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalog_and_health_sort_by_rtt_with_near() {
     let dir = tempfile::TempDir::new().unwrap();
-    let mut cfg = AgentConfig::dev("agent-0");
-    cfg.server = Some(ServerConfig::new(
-        1,
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path().to_path_buf(),
-    ));
-    cfg.bootstrap = true;
+    let cfg = with_server(AgentConfig::dev("agent-0"), &dir);
     let agent = Agent::start(cfg).await.unwrap();
     let a = agent.http_addr;
     // Four instances of web; n3's is failing.
@@ -524,13 +518,7 @@ async fn catalog_and_health_sort_by_rtt_with_near() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_services_run_ttl_and_tcp_checks() {
     let dir = tempfile::TempDir::new().unwrap();
-    let mut cfg = AgentConfig::dev("svc-node");
-    cfg.server = Some(ServerConfig::new(
-        1,
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path().to_path_buf(),
-    ));
-    cfg.bootstrap = true;
+    let cfg = with_server(AgentConfig::dev("svc-node"), &dir);
     let agent = Agent::start(cfg).await.unwrap();
     let a = agent.http_addr;
     // Something for the TCP check to reach.
@@ -617,14 +605,8 @@ async fn agent_services_run_ttl_and_tcp_checks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_member_loses_its_sessions_and_locks() {
     let dir = tempfile::TempDir::new().unwrap();
-    let mut cfg = AgentConfig::dev("server-a");
+    let mut cfg = with_server(AgentConfig::dev("server-a"), &dir);
     cfg.probe_interval = Duration::from_millis(100);
-    cfg.server = Some(ServerConfig::new(
-        1,
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path().to_path_buf(),
-    ));
-    cfg.bootstrap = true;
     let server = Agent::start(cfg).await.unwrap();
     let a = server.http_addr;
     let mut cfg = AgentConfig::dev("client-b");

@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 
 use super::Shared;
 use super::kv::parse_go_duration;
-use super::wire::{field, request, str_of, text};
+use super::wire::{field, object, request, service_from, str_of, string_map, text};
 use crate::catalog::{Catalog, Check, Command, Health, Node, Service};
 use crate::server::Server;
 use crate::vivaldi::Coordinate;
@@ -192,26 +192,6 @@ impl CatalogApi {
     }
 }
 
-/// Reads a JSON object body with keys matched without regard to case.
-fn object(body: &Bytes) -> Result<Map<String, Value>, String> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err("Request decode failed: not an object".into()),
-        Err(e) => Err(format!("Request decode failed: {e}")),
-    }
-}
-
-fn map_of(m: &Map<String, Value>, k: &str) -> std::collections::BTreeMap<String, String> {
-    field(m, k)
-        .and_then(Value::as_object)
-        .map(|o| {
-            o.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn health_of(s: &str) -> Option<Health> {
     match s {
         "passing" | "" => Some(Health::Passing),
@@ -253,38 +233,15 @@ pub async fn register(State(api): State<Arc<CatalogApi>>, body: Bytes) -> Respon
         name: node.clone(),
         address,
         datacenter: dc,
-        meta: map_of(&m, "NodeMeta"),
+        meta: string_map(&m, "NodeMeta"),
     }];
     if let Some(Value::Object(s)) = field(&m, "Service") {
-        let name = str_of(s, "Service");
-        if name.is_empty() {
+        let Some(service) = service_from(s, "Service") else {
             return text(StatusCode::BAD_REQUEST, "Must provide service name");
-        }
-        let id = Some(str_of(s, "ID"))
-            .filter(|i| !i.is_empty())
-            .unwrap_or(name.clone());
+        };
         cmds.push(Command::RegisterService {
             node: node.clone(),
-            service: Service {
-                id,
-                name,
-                tags: field(s, "Tags")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|t| t.as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                address: str_of(s, "Address"),
-                port: field(s, "Port")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0)
-                    .min(65535) as u16,
-                meta: map_of(s, "Meta"),
-                create_index: 0,
-                modify_index: 0,
-            },
+            service,
         });
     }
     let mut checks: Vec<&Map<String, Value>> = Vec::new();

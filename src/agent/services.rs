@@ -17,8 +17,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::kv::parse_go_duration;
-use super::wire::{field, request, str_of, text};
-use crate::catalog::{Check, Command, Health, Service};
+use super::wire::{field, object, request, service_from, str_of, text};
+use crate::catalog::{Check, Command, Health};
 use crate::server::Server;
 
 /// How a check is run.
@@ -240,55 +240,14 @@ async fn run_http(url: &str, timeout: Duration) -> (Health, String) {
 
 /// `PUT /v1/agent/service/register`.
 pub async fn register_service(State(st): State<Arc<AgentServices>>, body: Bytes) -> Response {
-    let m = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "Request decode failed: not an object",
-            );
-        }
-        Err(e) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                &format!("Request decode failed: {e}"),
-            );
-        }
+    let m = match object(&body) {
+        Ok(m) => m,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e),
     };
-    let name = str_of(&m, "Name");
-    if name.is_empty() {
+    let Some(service) = service_from(&m, "Name") else {
         return text(StatusCode::BAD_REQUEST, "Missing service name");
-    }
-    let id = Some(str_of(&m, "ID"))
-        .filter(|i| !i.is_empty())
-        .unwrap_or(name.clone());
-    let service = Service {
-        id: id.clone(),
-        name,
-        tags: field(&m, "Tags")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|t| t.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        address: str_of(&m, "Address"),
-        port: field(&m, "Port")
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-            .min(65535) as u16,
-        meta: field(&m, "Meta")
-            .and_then(Value::as_object)
-            .map(|o| {
-                o.iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        create_index: 0,
-        modify_index: 0,
     };
+    let id = service.id.clone();
     if let Err(e) = st
         .write(Command::RegisterService {
             node: st.node.clone(),
@@ -397,9 +356,9 @@ pub async fn checks(State(st): State<Arc<AgentServices>>) -> Response {
 
 /// `PUT /v1/agent/check/register`.
 pub async fn register_check(State(st): State<Arc<AgentServices>>, body: Bytes) -> Response {
-    let m = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(m)) => m,
-        _ => return text(StatusCode::BAD_REQUEST, "Request decode failed"),
+    let m = match object(&body) {
+        Ok(m) => m,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e),
     };
     let name = str_of(&m, "Name");
     if name.is_empty() {
@@ -469,9 +428,9 @@ pub async fn update(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let m = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(m)) => m,
-        _ => return text(StatusCode::BAD_REQUEST, "Request decode failed"),
+    let m = match object(&body) {
+        Ok(m) => m,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e),
     };
     let status = match str_of(&m, "Status").as_str() {
         "passing" => Health::Passing,

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::kv::parse_go_duration;
-use super::wire::{field, request, text};
+use super::wire::{field, object, request, text};
 use crate::catalog::{Behavior, Command, DEFAULT_LOCK_DELAY, Outcome, SERF_HEALTH, Session};
 use crate::server::Server;
 
@@ -161,20 +161,9 @@ pub async fn create(State(st): State<Arc<Sessions>>, body: Bytes) -> Response {
     let obj = if body.iter().all(u8::is_ascii_whitespace) {
         serde_json::Map::new()
     } else {
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(Value::Object(m)) => m,
-            Ok(_) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    "Request decode failed: not an object",
-                );
-            }
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    &format!("Request decode failed: {e}"),
-                );
-            }
+        match object(&body) {
+            Ok(m) => m,
+            Err(e) => return text(StatusCode::BAD_REQUEST, &e),
         }
     };
     let str_field = |k: &str| field(&obj, k).and_then(Value::as_str).map(str::to_string);

@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 
-use crate::catalog::Command;
+use crate::catalog::{Command, Service};
 use crate::raft::Request;
 
 /// A `text/plain` body with this status (Consul's error replies).
@@ -47,4 +47,62 @@ pub fn now() -> Duration {
 /// `cmd` stamped with this server's clock, ready for the log.
 pub fn request(cmd: Command) -> Request {
     Request { now: now(), cmd }
+}
+
+/// A request body that must be a JSON object (`Err`: Consul's 400 text).
+pub fn object(body: &[u8]) -> Result<Map<String, Value>, String> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err("Request decode failed: not an object".into()),
+        Err(e) => Err(format!("Request decode failed: {e}")),
+    }
+}
+
+/// The strings of the array at `key` (any case).
+pub fn string_list(m: &Map<String, Value>, key: &str) -> Vec<String> {
+    field(m, key)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The string values of the object at `key` (any case).
+pub fn string_map(m: &Map<String, Value>, key: &str) -> std::collections::BTreeMap<String, String> {
+    field(m, key)
+        .and_then(Value::as_object)
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A service definition (`catalog/register`'s `Service`, whose name key
+/// is `Service`, or `agent/service/register`, whose is `Name`); the ID
+/// defaults to the name. `None` without a name.
+pub fn service_from(m: &Map<String, Value>, name_key: &str) -> Option<Service> {
+    let name = str_of(m, name_key);
+    if name.is_empty() {
+        return None;
+    }
+    Some(Service {
+        id: Some(str_of(m, "ID"))
+            .filter(|i| !i.is_empty())
+            .unwrap_or(name.clone()),
+        name,
+        tags: string_list(m, "Tags"),
+        address: str_of(m, "Address"),
+        port: field(m, "Port")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+            .min(65535) as u16,
+        meta: string_map(m, "Meta"),
+        create_index: 0,
+        modify_index: 0,
+    })
 }
