@@ -636,6 +636,8 @@ pub struct Gossip {
     /// Members that left gracefully (until they come back up), with the
     /// goodbye we pass on.
     left: HashMap<Arc<str>, Entry>,
+    /// Anti-entropy over `left`: which goodbye goes out next.
+    left_cursor: usize,
     /// We are leaving: publish nothing more.
     leaving: bool,
     /// Our last publication: when, and the coordinate.
@@ -777,6 +779,7 @@ impl Gossip {
             live: HashMap::new(),
             rumors: Rumors::new(cfg.rumor_transmissions.max(1)),
             left: HashMap::new(),
+            left_cursor: 0,
             leaving: false,
             last_publish: None,
             incarnation: 0,
@@ -1007,8 +1010,13 @@ impl Gossip {
                 // A goodbye: remember it (bounded) and pass it
                 // on once. foca's own news of the leave usually came in the
                 // same datagram, so the member may already be gone.
+                // A goodbye still making the rounds after the member came
+                // back (it is live again) is stale.
                 let cap = 2 * self.live.len() + 64;
-                if !self.left.contains_key(e.name.as_str()) && self.left.len() < cap {
+                if !self.live.contains_key(&e.name)
+                    && !self.left.contains_key(e.name.as_str())
+                    && self.left.len() < cap
+                {
                     let name: Arc<str> = Arc::from(e.name.as_str());
                     self.table.remove(&e.name);
                     self.left.insert(name.clone(), e);
@@ -1096,6 +1104,18 @@ impl Gossip {
                 });
             }
             self.table.cursor += 1;
+        }
+        // Goodbyes are not in the table, so its sweep never repeats them:
+        // one may go along, round-robin, so that a member the rumor missed
+        // still learns the node left rather than failed.
+        if out.len() < max && !self.left.is_empty() {
+            self.left_cursor = (self.left_cursor + 1) % self.left.len();
+            if let Some(goodbye) = self.left.values().nth(self.left_cursor)
+                && entry_len(&goodbye.name, dim) <= budget
+                && !out.iter().any(|e| e.name == goodbye.name)
+            {
+                out.push(goodbye.clone());
+            }
         }
         self.entry_tokens = (tokens - out.len() as f64, now);
         out
