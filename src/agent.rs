@@ -8,6 +8,7 @@
 //! topology on loopback.
 
 pub mod catalog_api;
+pub mod forward;
 pub mod http;
 pub mod kv;
 pub mod link;
@@ -27,7 +28,7 @@ use foca::Timer;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::gossip::{Event, Gossip, GossipConfig, Id, Output};
+use crate::gossip::{Event, Gossip, GossipConfig, Id, Output, ServerTag};
 use link::LinkEmulator;
 
 /// What can go wrong starting or driving an agent.
@@ -85,6 +86,12 @@ pub struct AgentConfig {
     /// Initialize a new single-server group at start (`-bootstrap`, or
     /// `-bootstrap-expect 1`, and `-dev`).
     pub bootstrap: bool,
+    /// Servers expected before the group is initialized
+    /// (`-bootstrap-expect N`): once gossip shows this many servers and
+    /// none of them belongs to a group yet, the one with the lowest node
+    /// name initializes the group with all of them; the others wait to be
+    /// added. 0: never bootstrap (join an existing group).
+    pub bootstrap_expect: u32,
     /// The shortest session TTL (Consul's `session_ttl_min`, 10 s).
     pub session_ttl_min: Duration,
 }
@@ -107,6 +114,7 @@ impl AgentConfig {
             link: None,
             server: None,
             bootstrap: false,
+            bootstrap_expect: 0,
             session_ttl_min: session::DEFAULT_TTL_MIN,
         }
     }
@@ -207,8 +215,9 @@ pub struct Agent {
     server: tokio::task::JoinHandle<()>,
     /// The registry server this agent runs, if any.
     pub registry: Option<Arc<crate::server::Server>>,
-    /// Self-registration and session expiry, with the registry.
-    housekeeping: Option<tokio::task::JoinHandle<()>>,
+    /// Self-registration, checks, and on servers bootstrap, membership
+    /// and the leader's duties.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Agent {
@@ -221,10 +230,20 @@ impl Agent {
             source: e,
         })?;
         let gossip_addr = cfg.advertise.unwrap_or(local);
+        // The server starts first: gossip tells the others its Raft ID and
+        // RPC port.
+        let registry = match cfg.server.clone() {
+            Some(sc) => Some(Arc::new(crate::server::Server::start(sc).await?)),
+            None => None,
+        };
         let id = Id {
             name: cfg.node.clone(),
             addr: gossip_addr,
             bump: 0,
+            server: registry.as_ref().map(|r| ServerTag {
+                raft_id: r.id,
+                rpc_port: r.rpc_addr.port(),
+            }),
         };
         let gossip = Gossip::new(id, cfg.gossip_config(), cfg.seed)?;
         let (tx, rx) = mpsc::channel(16);
@@ -252,12 +271,16 @@ impl Agent {
             addr: cfg.http,
             source: e,
         })?;
-        let mut app = http::router(shared.clone());
-        let mut registry = None;
-        let mut housekeeping = None;
-        if let Some(sc) = cfg.server.clone() {
-            let server = Arc::new(crate::server::Server::start(sc).await?);
-            if cfg.bootstrap && server.leader().await.is_none() {
+        let fwd = forward::Forwarder::new(shared.clone(), registry.clone());
+        let local = services::AgentServices::new(
+            fwd.clone(),
+            cfg.node.clone(),
+            cfg.datacenter.clone(),
+        );
+        let mut app = http::router(shared.clone()).merge(services::router(local.clone()));
+        let mut tasks = Vec::new();
+        if let Some(server) = registry.clone() {
+            if cfg.bootstrap && !server.is_initialized().await {
                 let me = std::collections::BTreeMap::from([(server.id, server.rpc_addr)]);
                 // A group that already exists (a restart) says so: fine.
                 let _ = server.initialize(me).await;
@@ -268,19 +291,36 @@ impl Agent {
             let sessions =
                 session::Sessions::new(server.clone(), cfg.node.clone(), cfg.session_ttl_min);
             app = app.merge(session::router(sessions.clone()));
-            let local = services::AgentServices::new(server.clone(), cfg.node.clone());
-            app = app.merge(services::router(local.clone()));
-            housekeeping = Some(tokio::spawn(register_self(
+            app = app.layer(axum::middleware::from_fn_with_state(
+                fwd.clone(),
+                forward::dispatch,
+            ));
+            // Requests other agents forward run through the same routes.
+            server.set_http_handler(forward::handler(app.clone()));
+            tasks.push(tokio::spawn(autopilot(
+                shared.clone(),
+                server.clone(),
+                cfg.bootstrap_expect,
+            )));
+            tasks.push(tokio::spawn(leader_duties(
                 shared.clone(),
                 server.clone(),
                 sessions,
-                local,
-                cfg.node.clone(),
-                cfg.datacenter.clone(),
-                gossip_addr,
             )));
-            registry = Some(server);
+        } else {
+            // A client agent: every registry request goes to a server.
+            let f = fwd.clone();
+            app = app.fallback(move |req: axum::extract::Request| {
+                forward::forward_all(axum::extract::State(f.clone()), req)
+            });
         }
+        tasks.push(tokio::spawn(register_self(
+            fwd.clone(),
+            local,
+            cfg.node.clone(),
+            cfg.datacenter.clone(),
+            gossip_addr,
+        )));
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -292,22 +332,36 @@ impl Agent {
             driver,
             server,
             registry,
-            housekeeping,
+            tasks,
         })
     }
 
     /// Leaves the cluster and stops.
     pub async fn shutdown(self) {
+        self.step_down().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.leave()).await;
         // Let the leave datagrams go out before the socket closes.
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.driver.abort();
         self.server.abort();
-        if let Some(h) = &self.housekeeping {
-            h.abort();
+        for t in &self.tasks {
+            t.abort();
         }
         if let Some(r) = &self.registry {
             r.stop().await;
+        }
+    }
+
+    /// A leader that leaves gracefully first takes itself out of the Raft
+    /// group, so the others elect a new leader at once and the group's
+    /// size (its quorum) shrinks with it; a follower that leaves is taken
+    /// out by the leader when gossip says it left.
+    pub async fn step_down(&self) {
+        if let Some(r) = &self.registry
+            && r.is_leader()
+            && r.configuration().0.len() > 1
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(5), r.remove(r.id)).await;
         }
     }
 
@@ -315,8 +369,8 @@ impl Agent {
     pub fn abort(self) {
         self.driver.abort();
         self.server.abort();
-        if let Some(h) = &self.housekeeping {
-            h.abort();
+        for t in &self.tasks {
+            t.abort();
         }
         if let Some(r) = self.registry {
             // Without a runtime to wait on: the listener stops now, Raft's
@@ -327,24 +381,17 @@ impl Agent {
 }
 
 /// Registers this agent's node and its `serfHealth` check in the catalog
-/// once a leader is known (what Consul's anti-entropy does, so that
-/// sessions can name the node), then every second expires session TTLs
-/// and runs the agent's due checks.
+/// once a server answers (what Consul's anti-entropy does, so that
+/// sessions can name the node), then every second runs the agent's due
+/// checks and retries what failed to reach the catalog.
 async fn register_self(
-    shared: Arc<Shared>,
-    server: Arc<crate::server::Server>,
-    sessions: Arc<session::Sessions>,
+    fwd: Arc<forward::Forwarder>,
     local: Arc<services::AgentServices>,
     node: String,
     datacenter: String,
     addr: SocketAddr,
 ) {
     use crate::catalog::{Check, Command, Health, SERF_HEALTH};
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-    };
     let cmds = [
         Command::RegisterNode {
             name: node.clone(),
@@ -366,23 +413,104 @@ async fn register_self(
         },
     ];
     for cmd in cmds {
-        loop {
-            let req = crate::raft::Request {
-                now: now(),
-                cmd: cmd.clone(),
-            };
-            match server.write(req).await {
-                Ok(_) => break,
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
+        while fwd.write(wire::request(cmd.clone())).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        sessions.expire(Instant::now()).await;
         local.tick(Instant::now()).await;
+    }
+}
+
+/// What only the leader does, every second: expire session TTLs (taking
+/// over the sessions a previous leader timed) and drive `serfHealth` from
+/// gossip.
+async fn leader_duties(
+    shared: Arc<Shared>,
+    server: Arc<crate::server::Server>,
+    sessions: Arc<session::Sessions>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut was_leader = false;
+    loop {
+        tick.tick().await;
+        let leader = server.is_leader();
+        if !leader {
+            was_leader = false;
+            continue;
+        }
+        if !was_leader {
+            sessions.adopt(Instant::now());
+            was_leader = true;
+        }
+        sessions.expire(Instant::now()).await;
         sync_serf_health(&shared, &server).await;
+    }
+}
+
+/// Bootstrap and membership of the Raft group, every second: with
+/// `-bootstrap-expect N`, initialize the group once N servers are in
+/// gossip and none is in a group yet (the lowest node name does it); on
+/// the leader, add servers gossip shows that are not members, and remove
+/// those that left gracefully (Consul's autopilot, without dead-server
+/// cleanup: a failed server stays a member until removed by hand).
+async fn autopilot(shared: Arc<Shared>, server: Arc<crate::server::Server>, expect: u32) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        // (name, raft id, rpc address, alive, left) of every server member.
+        let others: Vec<(String, u64, SocketAddr, bool, bool)> = {
+            let g = shared.gossip.lock().expect("not poisoned");
+            g.membership_iter()
+                .filter_map(|(id, st)| {
+                    let t = id.server?;
+                    Some((
+                        id.name.clone(),
+                        t.raft_id,
+                        id.rpc_addr()?,
+                        st != foca::State::Down,
+                        st == foca::State::Down && g.has_left(&id.name),
+                    ))
+                })
+                .collect()
+        };
+        if expect > 1 && !server.is_initialized().await {
+            let alive: Vec<&(String, u64, SocketAddr, bool, bool)> =
+                others.iter().filter(|o| o.3).collect();
+            let lowest = alive.iter().all(|o| shared.node < o.0);
+            if alive.len() + 1 >= expect as usize && lowest {
+                let mut any_in_group = false;
+                for o in &alive {
+                    // Unreachable counts as "maybe": do not risk a second
+                    // group.
+                    if server.pool().initialized(o.2).await.unwrap_or(true) {
+                        any_in_group = true;
+                    }
+                }
+                if !any_in_group {
+                    let mut members: std::collections::BTreeMap<u64, SocketAddr> =
+                        alive.iter().map(|o| (o.1, o.2)).collect();
+                    members.insert(server.id, server.rpc_addr);
+                    let _ = server.initialize(members).await;
+                }
+            }
+            continue;
+        }
+        if !server.is_leader() {
+            continue;
+        }
+        let (members, _) = server.configuration();
+        for o in &others {
+            let member = members.iter().any(|m| m.0 == o.1);
+            if o.3 && !member {
+                let _ = tokio::time::timeout(Duration::from_secs(30), server.add_voter(o.1, o.2))
+                    .await;
+            } else if o.4 && member && o.1 != server.id {
+                let _ = tokio::time::timeout(Duration::from_secs(10), server.remove(o.1)).await;
+            }
+        }
     }
 }
 

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use crate::vivaldi::{self, Coordinate, Node};
 
 /// Version byte of the envelope.
-pub const ENVELOPE_VERSION: u8 = 2;
+pub const ENVELOPE_VERSION: u8 = 3;
 /// Largest datagram sent or accepted, bytes.
 pub const MAX_DATAGRAM: usize = 1400;
 /// Most coordinate dimensions an envelope may carry.
@@ -89,6 +89,27 @@ pub struct Id {
     pub addr: SocketAddr,
     /// Rejoin counter.
     pub bump: u16,
+    /// Set on registry servers: how the others reach its Raft member
+    /// (Consul's serf tags `role=consul`, `port`, `id`). Servers find each
+    /// other through it, and client agents find servers.
+    pub server: Option<ServerTag>,
+}
+
+/// What a registry server tells the cluster about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServerTag {
+    /// Its Raft node ID.
+    pub raft_id: u64,
+    /// Its peer RPC port, on the gossip address's IP.
+    pub rpc_port: u16,
+}
+
+impl Id {
+    /// The server's peer RPC address, if this member is a server.
+    pub fn rpc_addr(&self) -> Option<SocketAddr> {
+        self.server
+            .map(|t| SocketAddr::new(self.addr.ip(), t.rpc_port))
+    }
 }
 
 impl Identity for Id {
@@ -1194,6 +1215,7 @@ impl Gossip {
             name: String::new(),
             addr: seed,
             bump: 0,
+            server: None,
         };
         let _ = self.foca.announce(target, &mut rt);
         self.finish(now, rt, None)
@@ -1568,6 +1590,7 @@ mod tests {
             name: format!("n{k}"),
             addr: format!("127.0.0.{k}:8301").parse().unwrap(),
             bump: 0,
+            server: None,
         };
         let (a, b) = (id(1), id(2));
         let cfg = GossipConfig::lan(2);
@@ -1611,12 +1634,14 @@ mod tests {
             name: "a".into(),
             addr: "127.0.0.1:1".parse().unwrap(),
             bump: 0,
+            server: None,
         };
         let b = a.renew().unwrap();
         assert!(b.win_addr_conflict(&a));
         assert!(!a.win_addr_conflict(&b));
         let wrapped = Id {
             bump: u16::MAX,
+            server: None,
             ..a.clone()
         }
         .renew()
@@ -1624,6 +1649,7 @@ mod tests {
         assert_eq!(wrapped.bump, 0);
         assert!(wrapped.win_addr_conflict(&Id {
             bump: u16::MAX,
+            server: None,
             ..a
         }));
     }

@@ -2,17 +2,20 @@
 //! [`Catalog`](crate::catalog::Catalog), with the peer RPC on TCP (Consul's
 //! server port, 8300 by default) and writes forwarded to the leader.
 //!
-//! Peer RPC frames are `[length u32 BE][JSON]`, one request and one reply per
-//! frame, on a connection each peer keeps open. JSON because openraft's
-//! error types are only known to round-trip through self-describing
-//! formats; the cost is measured in `benches/RESULTS.md` when the
-//! benchmark lands.
-
-use std::collections::BTreeMap;
+//! Peer RPC frames are `[length u32 BE][kind u8][payload]`, one request and
+//! one reply per frame, on connections kept open and pooled
+//! ([`RpcPool`]). Raft's own messages are JSON (kind 0), because
+//! openraft's error types only round-trip through self-describing formats;
+//! HTTP requests forwarded from client agents and followers (kind 1) are
+//! postcard, so a 512 KiB KV value is not blown up into a JSON array.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
@@ -23,7 +26,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, Raft};
+use openraft::{BasicNode, ChangeMembers, Raft, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -80,6 +83,13 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// Election timeout range.
     pub election_timeout: (Duration, Duration),
+    /// Log entries applied since the last snapshot that trigger a new one
+    /// (Consul's `raft_snapshot_threshold`).
+    pub snapshot_threshold: u64,
+    /// Log entries kept behind a snapshot for slow followers, so that they
+    /// catch up from the log rather than a whole snapshot (Consul's
+    /// `raft_trailing_logs`).
+    pub trailing_logs: u64,
 }
 
 impl ServerConfig {
@@ -92,6 +102,8 @@ impl ServerConfig {
             data_dir,
             heartbeat: Duration::from_millis(100),
             election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
+            snapshot_threshold: 16384,
+            trailing_logs: 10240,
         }
     }
 }
@@ -102,8 +114,11 @@ enum Rpc {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<u64>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
-    /// A write forwarded by a follower.
+    /// A write forwarded by a follower or a client agent.
     Write(Request),
+    /// Whether the receiver belongs to a Raft group already (asked before
+    /// bootstrapping, so a new server never starts a second group).
+    Status,
 }
 
 /// Its reply.
@@ -113,25 +128,180 @@ enum Reply {
     Vote(Result<VoteResponse<u64>, RaftError<u64>>),
     Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     Write(Result<Response, String>),
+    Status { initialized: bool },
 }
 
-async fn write_frame<T: Serialize>(s: &mut TcpStream, v: &T) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec(v).map_err(std::io::Error::other)?;
-    s.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
-    s.write_all(&bytes).await?;
+/// An HTTP request forwarded to a server: a client agent's registry
+/// requests, or a follower's writes and reads for the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HttpCall {
+    /// `GET`, `PUT`, …
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    /// Headers, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// The answer to an [`HttpCall`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HttpAnswer {
+    /// Status code.
+    pub status: u16,
+    /// Headers, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// What answers forwarded HTTP requests on a server: the agent's own
+/// HTTP router.
+pub type HttpHandler =
+    Arc<dyn Fn(HttpCall) -> Pin<Box<dyn Future<Output = HttpAnswer> + Send>> + Send + Sync>;
+
+/// Frame kinds.
+const KIND_JSON: u8 = 0;
+const KIND_HTTP: u8 = 1;
+
+async fn write_frame(s: &mut TcpStream, kind: u8, bytes: &[u8]) -> std::io::Result<()> {
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
+    head[4] = kind;
+    s.write_all(&head).await?;
+    s.write_all(bytes).await?;
     s.flush().await
 }
 
-async fn read_frame<T: for<'de> Deserialize<'de>>(s: &mut TcpStream) -> std::io::Result<T> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
+async fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).await?;
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
     if len > MAX_FRAME {
         return Err(std::io::Error::other(format!("frame of {len} bytes")));
     }
     let mut buf = vec![0u8; len];
     s.read_exact(&mut buf).await?;
-    serde_json::from_slice(&buf).map_err(std::io::Error::other)
+    Ok((head[4], buf))
+}
+
+fn to_json<T: Serialize>(v: &T) -> std::io::Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(std::io::Error::other)
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(b: &[u8]) -> std::io::Result<T> {
+    serde_json::from_slice(b).map_err(std::io::Error::other)
+}
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "RPC timed out")
+}
+
+/// Pooled connections to servers' RPC ports, for the calls that are not
+/// Raft's own (forwarded writes and HTTP requests, bootstrap checks). A
+/// connection is taken for one call and put back after a whole reply;
+/// one that failed or timed out mid-call is dropped.
+#[derive(Default)]
+pub struct RpcPool {
+    idle: Mutex<HashMap<SocketAddr, Vec<TcpStream>>>,
+}
+
+impl RpcPool {
+    /// An empty pool.
+    pub fn new() -> Arc<RpcPool> {
+        Arc::new(RpcPool::default())
+    }
+
+    async fn call(
+        &self,
+        addr: SocketAddr,
+        kind: u8,
+        bytes: &[u8],
+        ttl: Duration,
+    ) -> std::io::Result<Vec<u8>> {
+        let pooled = self
+            .idle
+            .lock()
+            .expect("not poisoned")
+            .get_mut(&addr)
+            .and_then(|v| v.pop());
+        let fresh = pooled.is_none();
+        let attempt = |s: Option<TcpStream>| async move {
+            let mut s = match s {
+                Some(s) => s,
+                None => {
+                    let s = TcpStream::connect(addr).await?;
+                    s.set_nodelay(true)?;
+                    s
+                }
+            };
+            write_frame(&mut s, kind, bytes).await?;
+            let (k, reply) = read_frame(&mut s).await?;
+            if k != kind {
+                return Err(std::io::Error::other("reply of another kind"));
+            }
+            Ok::<_, std::io::Error>((s, reply))
+        };
+        let r = match tokio::time::timeout(ttl, attempt(pooled)).await {
+            Ok(Err(_)) if !fresh => {
+                // A pooled connection the server closed meanwhile: once
+                // more on a new one (the request never reached it, or the
+                // server died with it; either way a retry is what a new
+                // connection would have done).
+                tokio::time::timeout(ttl, attempt(None))
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out()))
+            }
+            Ok(r) => r,
+            Err(_) => Err(timed_out()),
+        };
+        let (s, reply) = r?;
+        self.idle
+            .lock()
+            .expect("not poisoned")
+            .entry(addr)
+            .or_default()
+            .push(s);
+        Ok(reply)
+    }
+
+    /// Forwards an HTTP request to the server at `addr`.
+    pub async fn http(
+        &self,
+        addr: SocketAddr,
+        call: &HttpCall,
+        ttl: Duration,
+    ) -> std::io::Result<HttpAnswer> {
+        let bytes = postcard::to_allocvec(call).map_err(std::io::Error::other)?;
+        let reply = self.call(addr, KIND_HTTP, &bytes, ttl).await?;
+        postcard::from_bytes(&reply).map_err(std::io::Error::other)
+    }
+
+    /// Has the server at `addr` commit `req` (it forwards to its leader).
+    pub async fn write(&self, addr: SocketAddr, req: &Request) -> Result<Response, String> {
+        let bytes = to_json(&Rpc::Write(req.clone())).map_err(|e| e.to_string())?;
+        let reply = self
+            .call(addr, KIND_JSON, &bytes, Duration::from_secs(10))
+            .await
+            .map_err(|e| e.to_string())?;
+        match from_json::<Reply>(&reply).map_err(|e| e.to_string())? {
+            Reply::Write(r) => r,
+            other => Err(format!("unexpected reply {other:?}")),
+        }
+    }
+
+    /// Whether the server at `addr` belongs to a Raft group.
+    pub async fn initialized(&self, addr: SocketAddr) -> std::io::Result<bool> {
+        let bytes = to_json(&Rpc::Status)?;
+        let reply = self
+            .call(addr, KIND_JSON, &bytes, Duration::from_secs(2))
+            .await?;
+        match from_json::<Reply>(&reply)? {
+            Reply::Status { initialized } => Ok(initialized),
+            _ => Err(std::io::Error::other("unexpected reply")),
+        }
+    }
 }
 
 /// A connection to one peer, opened on first use and reopened after an
@@ -153,16 +323,12 @@ impl Peer {
                 *stream = Some(s);
             }
             let s = stream.as_mut().expect("just connected");
-            write_frame(s, rpc).await?;
-            read_frame(s).await
+            write_frame(s, KIND_JSON, &to_json(rpc)?).await?;
+            let (_, reply) = read_frame(s).await?;
+            from_json(&reply)
         })
         .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "RPC timed out",
-            ))
-        });
+        .unwrap_or_else(|_| Err(timed_out()));
         if r.is_err() {
             // Whatever state the stream is in, do not reuse it.
             self.stream = None;
@@ -245,6 +411,16 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
+/// What the RPC listener shares with the server.
+struct Ctx {
+    raft: Raft<TypeConfig>,
+    /// Answers forwarded HTTP requests, once the agent has set it.
+    http: OnceLock<HttpHandler>,
+    /// Milliseconds since `started` when a leader last reached us.
+    last_contact_ms: AtomicU64,
+    started: Instant,
+}
+
 /// A running server.
 pub struct Server {
     /// Raft node ID.
@@ -253,6 +429,8 @@ pub struct Server {
     pub rpc_addr: SocketAddr,
     raft: Raft<TypeConfig>,
     sm: StateMachine,
+    ctx: Arc<Ctx>,
+    pool: Arc<RpcPool>,
     listener: JoinHandle<()>,
 }
 
@@ -283,6 +461,8 @@ impl Server {
             heartbeat_interval: cfg.heartbeat.as_millis() as u64,
             election_timeout_min: cfg.election_timeout.0.as_millis() as u64,
             election_timeout_max: cfg.election_timeout.1.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_threshold.max(1)),
+            max_in_snapshot_log_to_keep: cfg.trailing_logs,
             ..Default::default()
         }
         .validate()
@@ -290,14 +470,32 @@ impl Server {
         let raft = Raft::new(cfg.id, Arc::new(config), Network, log, sm.clone())
             .await
             .map_err(|e| ServerError::Raft(e.to_string()))?;
-        let listener = tokio::spawn(serve(listener, raft.clone()));
+        let ctx = Arc::new(Ctx {
+            raft: raft.clone(),
+            http: OnceLock::new(),
+            last_contact_ms: AtomicU64::new(u64::MAX),
+            started: Instant::now(),
+        });
+        let listener = tokio::spawn(serve(listener, ctx.clone()));
         Ok(Server {
             id: cfg.id,
             rpc_addr,
             raft,
             sm,
+            ctx,
+            pool: RpcPool::new(),
             listener,
         })
+    }
+
+    /// Sets what answers HTTP requests forwarded to this server (once).
+    pub fn set_http_handler(&self, h: HttpHandler) {
+        let _ = self.ctx.http.set(h);
+    }
+
+    /// The pool this server forwards through.
+    pub fn pool(&self) -> &Arc<RpcPool> {
+        &self.pool
     }
 
     /// Initializes a new group with these members (ID → RPC address). Do it
@@ -313,16 +511,83 @@ impl Server {
             .map_err(|e| ServerError::Raft(e.to_string()))
     }
 
+    /// Whether this server belongs to a group (initialized, or added by a
+    /// leader, in this run or a previous one).
+    pub async fn is_initialized(&self) -> bool {
+        self.raft.is_initialized().await.unwrap_or(true)
+    }
+
+    /// Adds a server to the group as a voter (leader only): first as a
+    /// learner until it has caught up, then promoted.
+    pub async fn add_voter(&self, id: u64, addr: SocketAddr) -> Result<(), ServerError> {
+        self.raft
+            .add_learner(id, BasicNode::new(addr.to_string()), true)
+            .await
+            .map_err(|e| ServerError::Raft(e.to_string()))?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| ServerError::Raft(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Removes a server from the group (leader only; Consul's
+    /// `operator raft remove-peer` and a server's graceful leave).
+    pub async fn remove(&self, id: u64) -> Result<(), ServerError> {
+        let (members, _) = self.configuration();
+        if !members.iter().any(|(m, _, _)| *m == id) {
+            return Err(ServerError::Raft(format!("server {id} is not a member")));
+        }
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| ServerError::Raft(e.to_string()))?;
+        // A learner left behind would still be replicated to.
+        let _ = self
+            .raft
+            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+            .await;
+        Ok(())
+    }
+
     /// The current leader's ID, if one is known.
     pub async fn leader(&self) -> Option<u64> {
         self.raft.current_leader().await
+    }
+
+    /// The current leader's ID and RPC address, from the latest metrics
+    /// (no waiting).
+    pub fn leader_addr(&self) -> Option<(u64, SocketAddr)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.nodes().find(|(n, _)| **n == id)?.1;
+        Some((id, addr.addr.parse().ok()?))
+    }
+
+    /// Whether this server is the leader now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// How long since a leader last reached this server (zero on the
+    /// leader; `None` if never): Consul's `X-Consul-LastContact`.
+    pub fn last_contact(&self) -> Option<Duration> {
+        if self.is_leader() {
+            return Some(Duration::ZERO);
+        }
+        let at = self.ctx.last_contact_ms.load(Ordering::Relaxed);
+        if at == u64::MAX {
+            return None;
+        }
+        let now = self.ctx.started.elapsed().as_millis() as u64;
+        Some(Duration::from_millis(now.saturating_sub(at)))
     }
 
     /// The group as this server sees it: (ID, RPC address, voter) for every
     /// member, by ID, and the leader's ID.
     pub fn configuration(&self) -> (Vec<(u64, String, bool)>, Option<u64>) {
         let m = self.raft.metrics().borrow().clone();
-        let voters: std::collections::BTreeSet<u64> = m.membership_config.voter_ids().collect();
+        let voters: BTreeSet<u64> = m.membership_config.voter_ids().collect();
         let members = m
             .membership_config
             .nodes()
@@ -339,7 +604,7 @@ impl Server {
     /// Commits `req` through the leader (forwarding it if this server is a
     /// follower) and returns what applying it answered.
     pub async fn write(&self, req: Request) -> Result<Response, ServerError> {
-        write(&self.raft, req).await
+        write(&self.raft, &self.pool, req).await
     }
 
     /// Follows the catalog's last applied index: a blocking query waits
@@ -382,7 +647,7 @@ impl Server {
 
 /// Commits `req`, forwarding to the leader when told to, retrying while an
 /// election is under way (up to ~5 s).
-async fn write(raft: &Raft<TypeConfig>, req: Request) -> Result<Response, ServerError> {
+async fn write(raft: &Raft<TypeConfig>, pool: &RpcPool, req: Request) -> Result<Response, ServerError> {
     let mut last = ServerError::NoLeader;
     for attempt in 0..50u32 {
         if attempt > 0 {
@@ -391,39 +656,21 @@ async fn write(raft: &Raft<TypeConfig>, req: Request) -> Result<Response, Server
         match raft.client_write(req.clone()).await {
             Ok(r) => return Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                let Some(node) = f.leader_node else {
+                let Some(addr) = f.leader_node.and_then(|n| n.addr.parse::<SocketAddr>().ok())
+                else {
                     last = ServerError::NoLeader;
                     continue;
                 };
-                let mut peer = Peer {
-                    target: f.leader_id.unwrap_or_default(),
-                    addr: node.addr.clone(),
-                    stream: None,
-                };
-                match peer
-                    .call(&Rpc::Write(req.clone()), Duration::from_secs(5))
-                    .await
-                {
-                    Ok(Reply::Write(Ok(r))) => return Ok(r),
-                    // The leader moved on meanwhile: ask again. (A reply
-                    // lost after the leader committed makes the retry apply
-                    // the write twice, as Consul's RPC forwarding would.)
-                    Ok(Reply::Write(Err(reason))) => {
+                match pool.write(addr, &req).await {
+                    Ok(r) => return Ok(r),
+                    // The leader moved on meanwhile, or could not be
+                    // reached: ask again. (A reply lost after the leader
+                    // committed makes the retry apply the write twice, as
+                    // Consul's RPC forwarding would.)
+                    Err(reason) => {
                         last = ServerError::Forward {
-                            addr: node.addr.clone(),
+                            addr: addr.to_string(),
                             reason,
-                        }
-                    }
-                    Ok(other) => {
-                        return Err(ServerError::Forward {
-                            addr: node.addr,
-                            reason: format!("unexpected reply {other:?}"),
-                        });
-                    }
-                    Err(e) => {
-                        last = ServerError::Forward {
-                            addr: node.addr.clone(),
-                            reason: e.to_string(),
                         }
                     }
                 }
@@ -434,29 +681,69 @@ async fn write(raft: &Raft<TypeConfig>, req: Request) -> Result<Response, Server
     Err(last)
 }
 
+/// Answers one JSON RPC.
+async fn answer(ctx: &Ctx, rpc: Rpc) -> Reply {
+    let raft = &ctx.raft;
+    match rpc {
+        Rpc::Append(r) => {
+            let at = ctx.started.elapsed().as_millis() as u64;
+            ctx.last_contact_ms.store(at, Ordering::Relaxed);
+            Reply::Append(raft.append_entries(r).await)
+        }
+        Rpc::Vote(r) => Reply::Vote(raft.vote(r).await),
+        Rpc::Snapshot(r) => Reply::Snapshot(raft.install_snapshot(r).await),
+        // Only the leader commits forwarded writes; a follower that was
+        // leader a moment ago says so and the sender asks again.
+        Rpc::Write(req) => Reply::Write(match raft.client_write(req).await {
+            Ok(r) => Ok(r.data),
+            Err(e) => Err(e.to_string()),
+        }),
+        Rpc::Status => Reply::Status {
+            initialized: raft.is_initialized().await.unwrap_or(true),
+        },
+    }
+}
+
 /// Answers peers' RPCs until aborted.
-async fn serve(listener: TcpListener, raft: Raft<TypeConfig>) {
+async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             continue;
         };
-        let raft = raft.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let _ = s.set_nodelay(true);
-            while let Ok(rpc) = read_frame::<Rpc>(&mut s).await {
-                let reply = match rpc {
-                    Rpc::Append(r) => Reply::Append(raft.append_entries(r).await),
-                    Rpc::Vote(r) => Reply::Vote(raft.vote(r).await),
-                    Rpc::Snapshot(r) => Reply::Snapshot(raft.install_snapshot(r).await),
-                    // Only the leader commits forwarded writes; a follower
-                    // that was leader a moment ago says so and the sender
-                    // asks again.
-                    Rpc::Write(req) => Reply::Write(match raft.client_write(req).await {
-                        Ok(r) => Ok(r.data),
-                        Err(e) => Err(e.to_string()),
-                    }),
+            while let Ok((kind, bytes)) = read_frame(&mut s).await {
+                let reply = match kind {
+                    KIND_JSON => {
+                        let Ok(rpc) = from_json::<Rpc>(&bytes) else {
+                            break;
+                        };
+                        match to_json(&answer(&ctx, rpc).await) {
+                            Ok(b) => b,
+                            Err(_) => break,
+                        }
+                    }
+                    KIND_HTTP => {
+                        let Ok(call) = postcard::from_bytes::<HttpCall>(&bytes) else {
+                            break;
+                        };
+                        let answer = match ctx.http.get() {
+                            Some(h) => h(call).await,
+                            None => HttpAnswer {
+                                status: 500,
+                                headers: Vec::new(),
+                                body: b"this server does not serve HTTP".to_vec(),
+                            },
+                        };
+                        match postcard::to_allocvec(&answer) {
+                            Ok(b) => b,
+                            Err(_) => break,
+                        }
+                    }
+                    _ => break,
                 };
-                if write_frame(&mut s, &reply).await.is_err() {
+                if write_frame(&mut s, kind, &reply).await.is_err() {
                     break;
                 }
             }

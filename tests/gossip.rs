@@ -56,6 +56,7 @@ impl Net {
                     name: format!("node-{i}"),
                     addr: addrs[i],
                     bump: 0,
+                    server: None,
                 };
                 Gossip::new(id, GossipConfig::lan(n as u32), i as u64 + 1).unwrap()
             })

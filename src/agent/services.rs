@@ -1,12 +1,13 @@
-//! Consul's agent service and check endpoints (`consul-api.md` §3.4) on an
-//! agent that runs a server: register and deregister services with their
-//! checks, TTL checks turned critical when not updated in time, TCP and
-//! HTTP checks run every interval, `check/pass|warn|fail|update`. GET is
-//! accepted where python-consul 0.7.1 (Patroni's) sends it. Services and
-//! checks are written straight to the catalog, so agent and catalog agree
-//! without a separate anti-entropy pass.
+//! Consul's agent service and check endpoints (`consul-api.md` §3.4) on
+//! any agent: register and deregister services with their checks, TTL
+//! checks turned critical when not updated in time, TCP and HTTP checks
+//! run every interval, `check/pass|warn|fail|update`. GET is accepted
+//! where python-consul 0.7.1 (Patroni's) sends it. The agent keeps its
+//! services and checks itself (what `/v1/agent/*` shows) and writes every
+//! change to the catalog through the registry; a change the registry did
+//! not take is written again every second until it does (anti-entropy).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,8 @@ use serde_json::{Map, Value, json};
 
 use super::kv::parse_go_duration;
 use super::wire::{field, object, request, service_from, str_of, text};
-use crate::catalog::{Check, Command, Health};
-use crate::server::Server;
+use super::forward::Forwarder;
+use crate::catalog::{Check, Command, Health, Service};
 
 /// How a check is run.
 #[derive(Debug, Clone)]
@@ -34,6 +35,8 @@ enum Probe {
 
 #[derive(Debug, Clone)]
 struct LocalCheck {
+    /// What the catalog should show.
+    check: Check,
     probe: Probe,
     interval: Duration,
     timeout: Duration,
@@ -43,9 +46,13 @@ struct LocalCheck {
 
 /// The agent's local services and checks.
 pub struct AgentServices {
-    server: Arc<Server>,
+    fwd: Arc<Forwarder>,
     node: String,
-    checks: Mutex<HashMap<String, LocalCheck>>,
+    datacenter: String,
+    services: Mutex<BTreeMap<String, Service>>,
+    checks: Mutex<BTreeMap<String, LocalCheck>>,
+    /// Catalog writes that failed, retried every tick (in order).
+    unsynced: Mutex<Vec<Command>>,
 }
 
 type Params = Query<HashMap<String, String>>;
@@ -63,20 +70,46 @@ fn dur_of(m: &Map<String, Value>, k: &str) -> Result<Option<Duration>, String> {
 }
 
 impl AgentServices {
-    /// The endpoints for agent `node`, backed by `server`.
-    pub fn new(server: Arc<Server>, node: String) -> Arc<AgentServices> {
+    /// The endpoints for agent `node` in `datacenter`, writing to the
+    /// catalog through `fwd`.
+    pub fn new(fwd: Arc<Forwarder>, node: String, datacenter: String) -> Arc<AgentServices> {
         Arc::new(AgentServices {
-            server,
+            fwd,
             node,
-            checks: Mutex::new(HashMap::new()),
+            datacenter,
+            services: Mutex::new(BTreeMap::new()),
+            checks: Mutex::new(BTreeMap::new()),
+            unsynced: Mutex::new(Vec::new()),
         })
     }
 
+    /// Writes `cmd` to the catalog. A registry that cannot be reached gets
+    /// it later (the agent's state already changed); one that refuses it
+    /// says why.
     async fn write(&self, cmd: Command) -> Result<(), String> {
-        match self.server.write(request(cmd)).await {
+        match self.fwd.write(request(cmd.clone())).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Err(_) => {
+                self.unsynced.lock().expect("not poisoned").push(cmd);
+                Ok(())
+            }
+        }
+    }
+
+    /// Retries catalog writes that did not get through.
+    async fn sync(&self) {
+        let pending = std::mem::take(&mut *self.unsynced.lock().expect("not poisoned"));
+        let mut rest = pending.into_iter();
+        for cmd in rest.by_ref() {
+            if self.fwd.write(request(cmd.clone())).await.is_err() {
+                let mut u = self.unsynced.lock().expect("not poisoned");
+                let later = std::mem::take(&mut *u);
+                u.push(cmd);
+                u.extend(rest);
+                u.extend(later);
+                return;
+            }
         }
     }
 
@@ -113,17 +146,18 @@ impl AgentServices {
         let service_id = Some(str_of(c, "ServiceID"))
             .filter(|s| !s.is_empty())
             .unwrap_or(service_id.to_string());
+        let check = Check {
+            id: id.clone(),
+            name,
+            status,
+            output: String::new(),
+            service_id,
+            create_index: 0,
+            modify_index: 0,
+        };
         self.write(Command::RegisterCheck {
             node: self.node.clone(),
-            check: Check {
-                id: id.clone(),
-                name,
-                status,
-                output: String::new(),
-                service_id,
-                create_index: 0,
-                modify_index: 0,
-            },
+            check: check.clone(),
         })
         .await?;
         let due = Instant::now()
@@ -134,6 +168,7 @@ impl AgentServices {
         self.checks.lock().expect("not poisoned").insert(
             id,
             LocalCheck {
+                check,
                 probe,
                 interval,
                 timeout,
@@ -144,10 +179,12 @@ impl AgentServices {
     }
 
     async fn set_status(&self, id: &str, status: Health, output: String) -> Result<(), String> {
-        if let Some(c) = self.checks.lock().expect("not poisoned").get_mut(id)
-            && let Probe::Ttl(t) = c.probe
-        {
-            c.due = Instant::now() + t;
+        if let Some(c) = self.checks.lock().expect("not poisoned").get_mut(id) {
+            if let Probe::Ttl(t) = c.probe {
+                c.due = Instant::now() + t;
+            }
+            c.check.status = status;
+            c.check.output = output.clone();
         }
         self.write(Command::UpdateCheck {
             node: self.node.clone(),
@@ -160,6 +197,7 @@ impl AgentServices {
 
     /// Runs due checks and expires TTLs; call it every second or so.
     pub async fn tick(&self, now: Instant) {
+        self.sync().await;
         let due: Vec<(String, LocalCheck)> = {
             let mut checks = self.checks.lock().expect("not poisoned");
             let mut due = Vec::new();
@@ -181,6 +219,10 @@ impl AgentServices {
                 Probe::Tcp(addr) => run_tcp(addr, c.timeout).await,
                 Probe::Http(url) => run_http(url, c.timeout).await,
             };
+            if let Some(l) = self.checks.lock().expect("not poisoned").get_mut(&id) {
+                l.check.status = status;
+                l.check.output = output.clone();
+            }
             let _ = self
                 .write(Command::UpdateCheck {
                     node: self.node.clone(),
@@ -248,6 +290,10 @@ pub async fn register_service(State(st): State<Arc<AgentServices>>, body: Bytes)
         return text(StatusCode::BAD_REQUEST, "Missing service name");
     };
     let id = service.id.clone();
+    st.services
+        .lock()
+        .expect("not poisoned")
+        .insert(id.clone(), service.clone());
     if let Err(e) = st
         .write(Command::RegisterService {
             node: st.node.clone(),
@@ -285,8 +331,11 @@ pub async fn deregister_service(
     Path(id): Path<String>,
 ) -> Response {
     let known = st
-        .server
-        .read(|c| c.node_services(&st.node).any(|s| s.id == id));
+        .services
+        .lock()
+        .expect("not poisoned")
+        .remove(&id)
+        .is_some();
     if !known {
         return text(
             StatusCode::NOT_FOUND,
@@ -295,12 +344,14 @@ pub async fn deregister_service(
             ),
         );
     }
-    let owned: Vec<String> = st.server.read(|c| {
-        c.node_checks(&st.node)
-            .filter(|k| k.service_id == id)
-            .map(|k| k.id.clone())
-            .collect()
-    });
+    let owned: Vec<String> = st
+        .checks
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .filter(|(_, k)| k.check.service_id == id)
+        .map(|(i, _)| i.clone())
+        .collect();
     {
         let mut checks = st.checks.lock().expect("not poisoned");
         for c in owned {
@@ -321,36 +372,48 @@ pub async fn deregister_service(
 
 /// `GET /v1/agent/services`: `{id: service}`.
 pub async fn services(State(st): State<Arc<AgentServices>>) -> Response {
-    let v: Map<String, Value> = st.server.read(|c| {
-        c.node_services(&st.node)
-            .map(|s| {
-                (
-                    s.id.clone(),
-                    json!({"ID": s.id, "Service": s.name, "Tags": s.tags, "Meta": s.meta,
-                           "Port": s.port, "Address": s.address,
-                           "Weights": {"Passing": 1, "Warning": 1}, "EnableTagOverride": false,
-                           "Datacenter": c.node(&st.node).map(|n| n.datacenter.clone()).unwrap_or_default()}),
-                )
-            })
-            .collect()
-    });
+    let v: Map<String, Value> = st
+        .services
+        .lock()
+        .expect("not poisoned")
+        .values()
+        .map(|s| {
+            (
+                s.id.clone(),
+                json!({"ID": s.id, "Service": s.name, "Tags": s.tags, "Meta": s.meta,
+                       "Port": s.port, "Address": s.address,
+                       "Weights": {"Passing": 1, "Warning": 1}, "EnableTagOverride": false,
+                       "Datacenter": st.datacenter}),
+            )
+        })
+        .collect();
     axum::Json(Value::Object(v)).into_response()
 }
 
 /// `GET /v1/agent/checks`: `{id: check}`.
 pub async fn checks(State(st): State<Arc<AgentServices>>) -> Response {
-    let v: Map<String, Value> = st.server.read(|c| {
-        c.node_checks(&st.node)
-            .map(|k| {
-                (
-                    k.id.clone(),
-                    json!({"Node": st.node, "CheckID": k.id, "Name": k.name, "Status": k.status.as_str(),
-                           "Notes": "", "Output": k.output, "ServiceID": k.service_id, "ServiceName":
-                           c.node_services(&st.node).find(|s| s.id == k.service_id).map(|s| s.name.clone()).unwrap_or_default()}),
-                )
-            })
-            .collect()
-    });
+    let names: HashMap<String, String> = st
+        .services
+        .lock()
+        .expect("not poisoned")
+        .values()
+        .map(|s| (s.id.clone(), s.name.clone()))
+        .collect();
+    let v: Map<String, Value> = st
+        .checks
+        .lock()
+        .expect("not poisoned")
+        .values()
+        .map(|l| {
+            let k = &l.check;
+            (
+                k.id.clone(),
+                json!({"Node": st.node, "CheckID": k.id, "Name": k.name, "Status": k.status.as_str(),
+                       "Notes": "", "Output": k.output, "ServiceID": k.service_id,
+                       "ServiceName": names.get(&k.service_id).cloned().unwrap_or_default()}),
+            )
+        })
+        .collect();
     axum::Json(Value::Object(v)).into_response()
 }
 
@@ -389,9 +452,7 @@ pub async fn deregister_check(
 }
 
 async fn mark(st: &AgentServices, id: String, status: Health, output: String) -> Response {
-    let known = st
-        .server
-        .read(|c| c.node_checks(&st.node).any(|k| k.id == id));
+    let known = st.checks.lock().expect("not poisoned").contains_key(&id);
     if !known {
         return text(
             StatusCode::NOT_FOUND,

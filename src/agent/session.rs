@@ -1,8 +1,10 @@
 //! Consul's session endpoints (`consul-api.md` §4.2) on an agent that runs
 //! a server: create, destroy, renew, info, node, list; TTLs enforced by
 //! destroying a session not renewed within twice its TTL (Consul's
-//! multiplier, which Patroni counts on). The TTL clock is this server's
-//! (a single server, or the leader in a later multi-server setup).
+//! multiplier, which Patroni counts on). The TTL clock is the leader's:
+//! session requests are answered there ([`super::forward`]), and a new
+//! leader gives every TTL session it finds a full TTL × 2 ([`Sessions::adopt`]),
+//! as Consul's does.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -45,6 +47,20 @@ impl Sessions {
             ttl_min,
             deadlines: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Starts the TTL clock of every session in the catalog that has a
+    /// TTL and no deadline here (call it on becoming leader).
+    pub fn adopt(&self, now: Instant) {
+        let ttls: Vec<(String, Duration)> = self.server.read(|c| {
+            c.sessions()
+                .filter_map(|s| Some((s.id.clone(), s.ttl?)))
+                .collect()
+        });
+        let mut d = self.deadlines.lock().expect("not poisoned");
+        for (id, ttl) in ttls {
+            d.entry(id).or_insert((ttl, now + ttl * 2));
+        }
     }
 
     /// Destroys sessions whose TTL × 2 has passed; call it every second or

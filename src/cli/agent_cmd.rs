@@ -62,8 +62,11 @@ pub struct AgentArgs {
     /// snapshots go under -data-dir.
     #[arg(long)]
     server: bool,
-    /// Servers expected before the group is initialized; only 1 (a single
-    /// server initializing itself) so far.
+    /// Servers expected before the Raft group is initialized: once gossip
+    /// shows this many servers (-join them to each other) and none is in a
+    /// group yet, the one with the lowest node name initializes it with
+    /// all of them, exactly once. Servers started later without it join
+    /// the existing group. 1: a single server initializing itself.
     #[arg(long)]
     bootstrap_expect: Option<u32>,
     /// Server RPC (Raft) TCP port [default: 8300; ephemeral with -dev].
@@ -217,6 +220,37 @@ fn load_matrix(path: &std::path::Path) -> Result<Matrix> {
     Ok(m)
 }
 
+/// This server's Raft node ID: kept in `<dir>/node-id` (made on first
+/// start), so a restarted server rejoins its group as itself and no two
+/// servers share one.
+fn raft_id(dir: &std::path::Path) -> Result<u64> {
+    let path = dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(t) => t
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|id| *id != 0)
+            .with_context(|| {
+                format!(
+                    "{} is damaged (want a non-zero decimal Raft node ID, found {:?}); \
+                     restore it or start over with an empty -data-dir",
+                    path.display(),
+                    t.trim()
+                )
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Below 2^53, so JSON clients read it exactly.
+            let id = rand::random::<u64>() % (1 << 53) + 1;
+            std::fs::write(&path, format!("{id}\n"))
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 /// Runs an agent until SIGINT/SIGTERM, then leaves gracefully.
 pub fn agent(mut a: AgentArgs) -> Result<()> {
     if let Some(p) = a.config_file.clone() {
@@ -272,12 +306,8 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
     // -dev: a single server and agent, its Raft data in a fresh temporary
     // directory unless -data-dir says otherwise.
     let server = if a.server || a.dev {
-        match a.bootstrap_expect {
-            Some(n) if n > 1 => bail!(
-                "-bootstrap-expect {n}: servers finding each other over gossip is not built yet; \
-                 use -bootstrap-expect 1"
-            ),
-            _ => {}
+        if a.dev && a.bootstrap_expect.is_some_and(|n| n > 1) {
+            bail!("-dev is a single server: -bootstrap-expect cannot be more than 1");
         }
         let data = match &a.data_dir {
             Some(d) => d.join("raft"),
@@ -291,8 +321,13 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
             )),
         };
         let port = a.server_port.unwrap_or(if a.dev { 0 } else { 8300 });
+        let id = if a.dev && a.data_dir.is_none() {
+            1
+        } else {
+            raft_id(&data)?
+        };
         Some(crate::server::ServerConfig::new(
-            1,
+            id,
             SocketAddr::new(bind_ip, port),
             data,
         ))
@@ -306,6 +341,7 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
     let cfg = AgentConfig {
         server,
         bootstrap: a.dev || a.bootstrap_expect == Some(1),
+        bootstrap_expect: a.bootstrap_expect.unwrap_or(0),
         session_ttl_min: crate::agent::session::DEFAULT_TTL_MIN,
         node,
         datacenter: a.datacenter.clone(),
@@ -340,6 +376,7 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
                 // Left through the API (`PUT /v1/agent/leave`): as Consul,
                 // shut down once the goodbye has gone out.
                 eprintln!("tomo agent: left the cluster, shutting down");
+                agent.step_down().await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 agent.abort();
             }

@@ -762,6 +762,7 @@ impl<'a> GossipSim<'a> {
                     name: name_of(i),
                     addr: addr_of(i),
                     bump: 0,
+                    server: None,
                 };
                 Gossip::new(id, gcfg.clone(), node_seed(cfg.seed, i, 0))
                     .map_err(|e| SimError::Param(e.to_string()))
@@ -1034,6 +1035,7 @@ impl<'a> GossipSim<'a> {
                 name: name_of(j),
                 addr: addr_of(j),
                 bump: 0,
+                server: None,
             });
             let outs = self.nodes[i].restore(self.now, all);
             self.apply(i, outs);
@@ -1289,6 +1291,7 @@ impl<'a> GossipSim<'a> {
             name: name_of(j),
             addr: addr_of(j),
             bump,
+            server: None,
         };
         self.nodes[j] = Gossip::new(
             id,
