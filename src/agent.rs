@@ -352,16 +352,21 @@ impl Agent {
         }
     }
 
-    /// A leader that leaves gracefully first takes itself out of the Raft
-    /// group, so the others elect a new leader at once and the group's
-    /// size (its quorum) shrinks with it; a follower that leaves is taken
-    /// out by the leader when gossip says it left.
+    /// A server that leaves gracefully first takes itself out of the Raft
+    /// group (a leader directly, a follower by asking the leader), so the
+    /// group's size, and its quorum, shrinks with it and a leader's
+    /// successor is elected at once. The leader also removes servers that
+    /// gossip says left (one that could not ask).
     pub async fn step_down(&self) {
-        if let Some(r) = &self.registry
-            && r.is_leader()
-            && r.configuration().0.len() > 1
-        {
-            let _ = tokio::time::timeout(Duration::from_secs(5), r.remove(r.id)).await;
+        let Some(r) = &self.registry else { return };
+        if r.configuration().0.len() <= 1 {
+            return;
+        }
+        let done = Duration::from_secs(5);
+        if r.is_leader() {
+            let _ = tokio::time::timeout(done, r.remove(r.id)).await;
+        } else {
+            let _ = tokio::time::timeout(done, forward::leave_group(r, r.id)).await;
         }
     }
 
@@ -453,9 +458,11 @@ async fn leader_duties(
 /// Bootstrap and membership of the Raft group, every second: with
 /// `-bootstrap-expect N`, initialize the group once N servers are in
 /// gossip and none is in a group yet (the lowest node name does it); on
-/// the leader, add servers gossip shows that are not members, and remove
-/// those that left gracefully (Consul's autopilot, without dead-server
-/// cleanup: a failed server stays a member until removed by hand).
+/// the leader, add servers gossip shows that are in no group yet, and
+/// remove those that left gracefully (Consul's autopilot, without
+/// dead-server cleanup: a failed server stays a member until removed by
+/// hand). A removed server that comes back with its old data is not
+/// added again: it must start with an empty data dir.
 async fn autopilot(shared: Arc<Shared>, server: Arc<crate::server::Server>, expect: u32) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -504,7 +511,10 @@ async fn autopilot(shared: Arc<Shared>, server: Arc<crate::server::Server>, expe
         let (members, _) = server.configuration();
         for o in &others {
             let member = members.iter().any(|m| m.0 == o.1);
-            if o.3 && !member {
+            // Only a server in no group yet is added: one that belongs
+            // to another group (two `-dev` agents joined over gossip)
+            // would have its log overwritten by ours.
+            if o.3 && !member && server.pool().initialized(o.2).await.ok() == Some(false) {
                 let _ = tokio::time::timeout(Duration::from_secs(30), server.add_voter(o.1, o.2))
                     .await;
             } else if o.4 && member && o.1 != server.id {

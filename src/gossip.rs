@@ -1266,6 +1266,9 @@ impl Gossip {
 
     /// Handles a timer set earlier.
     pub fn handle_timer(&mut self, now: Duration, timer: Timer<Id>) -> Vec<Output> {
+        if self.leaving {
+            return Vec::new();
+        }
         let mut rt = self.collect(now);
         let _ = self.foca.handle_timer(timer, &mut rt);
         self.finish(now, rt, None)
@@ -1280,6 +1283,13 @@ impl Gossip {
         _from: SocketAddr,
         bytes: &[u8],
     ) -> Vec<Output> {
+        if self.leaving {
+            // Gone: answering now would let a member that has already
+            // marked us down tell us so (foca's `TurnUndead`), and we
+            // would rejoin under a new identity, then vanish and be
+            // reported failed instead of left.
+            return Vec::new();
+        }
         let (env, payload) = match decode(bytes) {
             Ok(x) => x,
             Err(e) => {

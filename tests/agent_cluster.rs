@@ -4,13 +4,14 @@
 //! RTTs, a killed agent is reported failed and comes back when restarted,
 //! and a partition (emulated drops) heals into one cluster again.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod common;
+use common::{free_tcp, free_udp, http, http_body, json};
 
 /// Node positions (ms) in a plane; RTT = distance + 2 ms of access delay.
 const POS: [(f64, f64); 5] = [
@@ -42,53 +43,6 @@ fn write_dataset(path: &Path) {
         s.push('\n');
     }
     std::fs::write(path, s).unwrap();
-}
-
-fn free_udp() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A raw HTTP/1.1 request; returns (status, body).
-fn http(method: &str, port: u16, path: &str) -> Option<(u16, String)> {
-    http_body(method, port, path, "")
-}
-
-/// A raw HTTP/1.1 request with a body; returns (status, body).
-fn http_body(method: &str, port: u16, path: &str, body: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    Some((
-        head.split_whitespace().nth(1)?.parse().ok()?,
-        body.to_string(),
-    ))
-}
-
-fn json(port: u16, path: &str) -> Option<Value> {
-    let (status, body) = http("GET", port, path)?;
-    (status == 200)
-        .then(|| serde_json::from_str(&body).ok())
-        .flatten()
 }
 
 struct Cluster {

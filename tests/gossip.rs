@@ -214,19 +214,20 @@ fn malformed_datagrams_are_dropped_and_counted() {
     let from = net.addrs[1];
     let g = &mut net.nodes[0];
     let now = Duration::ZERO;
+    const V: u8 = tomo::gossip::ENVELOPE_VERSION;
     assert!(g.handle_datagram(now, from, &[]).is_empty());
     assert!(
         g.handle_datagram(now, from, &[9, 0, 0, 0, 0, 0, 0, 0])
             .is_empty()
     );
-    assert!(g.handle_datagram(now, from, &vec![2; 2000]).is_empty());
+    assert!(g.handle_datagram(now, from, &vec![V; 2000]).is_empty());
     // A valid envelope (no coordinate, no entries) around garbage.
     assert!(
-        g.handle_datagram(now, from, &[2, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xfe])
+        g.handle_datagram(now, from, &[V, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xfe])
             .is_empty()
     );
     // A coordinate of all-ones bits: NaN.
-    let mut nan = vec![2u8, 1, 8];
+    let mut nan = vec![V, 1, 8];
     nan.extend(std::iter::repeat_n(0xffu8, 4 * 11 + 4 + 1));
     assert!(g.handle_datagram(now, from, &nan).is_empty());
     let s = g.stats();

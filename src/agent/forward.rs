@@ -29,8 +29,8 @@ use super::wire::text;
 use crate::raft;
 use crate::server::{HttpAnswer, HttpCall, HttpHandler, RpcPool, Server};
 
-/// Marks a request another agent forwarded: answer it here, whatever the
-/// role (no second hop, no loops).
+/// Marks a request a server forwarded to its leader: answer it here,
+/// whatever the role (no third hop, no loops).
 const FORWARDED: &str = "x-tomo-forwarded";
 /// The largest request body forwarded (a 512 KiB KV value, a transaction
 /// or a catalog registration fit easily).
@@ -172,8 +172,9 @@ fn query_params(uri: &axum::http::Uri) -> HashMap<String, String> {
 /// Builds the forwarded form of `req`, with what only this agent knows
 /// filled in: `near=_agent` becomes this node, and a session created
 /// without a `Node` is this node's (as Consul's agent does before its
-/// RPC).
-async fn call_of(node: &str, req: Request) -> Result<HttpCall, Response> {
+/// RPC). A client's request may take a second hop (the server it reaches
+/// sends it on to the leader); a server's to the leader is the last.
+async fn call_of(node: &str, req: Request, last_hop: bool) -> Result<HttpCall, Response> {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, MAX_BODY)
         .await
@@ -220,7 +221,9 @@ async fn call_of(node: &str, req: Request) -> Result<HttpCall, Response> {
         .filter(|(k, _)| *k != axum::http::header::CONTENT_LENGTH)
         .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
         .collect();
-    headers.push((FORWARDED.into(), b"1".to_vec()));
+    if last_hop {
+        headers.push((FORWARDED.into(), b"1".to_vec()));
+    }
     Ok(HttpCall {
         method: parts.method.as_str().to_string(),
         uri,
@@ -288,7 +291,7 @@ pub fn handler(router: axum::Router) -> HttpHandler {
 /// Client agents: every registry request goes to a server, the last one
 /// that answered first, the next on a refused connection.
 pub async fn forward_all(State(f): State<Arc<Forwarder>>, req: Request) -> Response {
-    let call = match call_of(&f.node, req).await {
+    let call = match call_of(&f.node, req, false).await {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -344,13 +347,14 @@ pub async fn dispatch(State(f): State<Arc<Forwarder>>, req: Request, next: Next)
     let forwarded = req.headers().contains_key(FORWARDED);
     let is_read = req.method() == axum::http::Method::GET;
     // Status and operator reads are this server's view, as in Consul.
-    let local_only = path.starts_with("/v1/status/") || path.starts_with("/v1/operator/");
+    let local_only =
+        is_read && (path.starts_with("/v1/status/") || path.starts_with("/v1/operator/"));
     let here = forwarded || local_only || (is_read && stale) || server.is_leader();
     if !here {
         let Some((_, leader)) = server.leader_addr() else {
             return text(StatusCode::INTERNAL_SERVER_ERROR, NO_LEADER);
         };
-        let call = match call_of(&f.node, req).await {
+        let call = match call_of(&f.node, req, true).await {
             Ok(c) => c,
             Err(r) => return r,
         };
@@ -359,12 +363,38 @@ pub async fn dispatch(State(f): State<Arc<Forwarder>>, req: Request, next: Next)
             Err(e) => rpc_error(&e.to_string()),
         };
     }
-    if consistent && is_read && server.read_consistent(|_| ()).await.is_err() {
-        return text(StatusCode::INTERNAL_SERVER_ERROR, NO_LEADER);
+    if consistent
+        && is_read
+        && let Err(e) = server.read_consistent(|_| ()).await
+    {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{NO_LEADER}: {e}"));
     }
     let mut r = next.run(req).await;
     stamp(&server, r.headers_mut());
     r
+}
+
+/// Asks the leader to take server `id` out of the group (a follower
+/// leaving gracefully: no waiting for the leader to hear of it through
+/// gossip).
+pub async fn leave_group(server: &Server, id: u64) -> Result<(), ForwardError> {
+    let (_, leader) = server.leader_addr().ok_or(ForwardError::NoLeader)?;
+    let call = HttpCall {
+        method: "DELETE".into(),
+        uri: format!("/v1/operator/raft/peer?id={id}"),
+        headers: vec![(FORWARDED.into(), b"1".to_vec())],
+        body: Vec::new(),
+    };
+    let a = server
+        .pool()
+        .http(leader, &call, Duration::from_secs(10))
+        .await
+        .map_err(|e| ForwardError::Rpc(e.to_string()))?;
+    if a.status == 200 {
+        Ok(())
+    } else {
+        Err(ForwardError::Rpc(String::from_utf8_lossy(&a.body).into_owned()))
+    }
 }
 
 /// `X-Consul-KnownLeader` and `X-Consul-LastContact` (milliseconds) as

@@ -188,13 +188,8 @@ pub async fn get(
     if let Err(e) = block(&server, &p, &key, single).await {
         return text(StatusCode::BAD_REQUEST, &e, 1);
     }
-    // ?consistent: confirm leadership with a quorum and wait for everything
-    // committed to be applied before reading (only the leader can).
-    if p.contains_key("consistent")
-        && let Err(e) = server.read_consistent(|_| ()).await
-    {
-        return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), 1);
-    }
+    // ?consistent was confirmed by the leader before the request got here
+    // (`forward::dispatch`).
     let pretty = p.contains_key("pretty");
     server.read(|c| {
         let index = read_index(c, &key, single);

@@ -1,10 +1,13 @@
-//! `/v1/status/leader`, `/v1/status/peers` and
+//! `/v1/status/leader`, `/v1/status/peers`,
 //! `/v1/operator/raft/configuration` (`consul-api.md` §3.4) from the Raft
-//! state of the server this agent runs.
+//! state of the server this agent runs, and `DELETE
+//! /v1/operator/raft/peer` (on the leader).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -47,12 +50,48 @@ pub async fn configuration(State(server): State<Arc<Server>>) -> Response {
     axum::Json(json!({"Servers": servers, "Index": server.applied()})).into_response()
 }
 
+/// `DELETE /v1/operator/raft/peer?id=|address=`: takes a server out of
+/// the group (Consul's `operator raft remove-peer`).
+pub async fn remove_peer(
+    State(server): State<Arc<Server>>,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    let (members, _) = server.configuration();
+    let found = match (p.get("id"), p.get("address")) {
+        (Some(id), _) => members
+            .iter()
+            .find(|m| m.0.to_string() == *id)
+            .map(|m| m.0)
+            .ok_or_else(|| format!("id {id:?} was not found in the Raft configuration")),
+        (None, Some(a)) => members
+            .iter()
+            .find(|m| m.1 == *a)
+            .map(|m| m.0)
+            .ok_or_else(|| format!("address {a:?} was not found in the Raft configuration")),
+        (None, None) => {
+            return super::wire::text(
+                StatusCode::BAD_REQUEST,
+                "Must specify either ?id with the server's ID or ?address with IP:port of peer to remove",
+            );
+        }
+    };
+    let id = match found {
+        Ok(id) => id,
+        Err(e) => return super::wire::text(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    };
+    match server.remove(id).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => super::wire::text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
 /// The routes.
 pub fn router(server: Arc<Server>) -> axum::Router {
-    use axum::routing::get;
+    use axum::routing::{delete, get};
     axum::Router::new()
         .route("/v1/status/leader", get(leader))
         .route("/v1/status/peers", get(peers))
         .route("/v1/operator/raft/configuration", get(configuration))
+        .route("/v1/operator/raft/peer", delete(remove_peer))
         .with_state(server)
 }
