@@ -94,6 +94,9 @@ pub struct AgentConfig {
     pub bootstrap_expect: u32,
     /// The shortest session TTL (Consul's `session_ttl_min`, 10 s).
     pub session_ttl_min: Duration,
+    /// The shortest `DeregisterCriticalServiceAfter` honoured (Consul: 1
+    /// minute; tests lower it).
+    pub deregister_critical_min: Duration,
 }
 
 impl AgentConfig {
@@ -116,6 +119,7 @@ impl AgentConfig {
             bootstrap: false,
             bootstrap_expect: 0,
             session_ttl_min: session::DEFAULT_TTL_MIN,
+            deregister_critical_min: services::DEREGISTER_CRITICAL_MIN,
         }
     }
 
@@ -276,6 +280,7 @@ impl Agent {
             fwd.clone(),
             cfg.node.clone(),
             cfg.datacenter.clone(),
+            cfg.deregister_critical_min,
         );
         let mut app = http::router(shared.clone()).merge(services::router(local.clone()));
         let mut tasks = Vec::new();
@@ -515,8 +520,8 @@ async fn autopilot(shared: Arc<Shared>, server: Arc<crate::server::Server>, expe
             // to another group (two `-dev` agents joined over gossip)
             // would have its log overwritten by ours.
             if o.3 && !member && server.pool().initialized(o.2).await.ok() == Some(false) {
-                let _ = tokio::time::timeout(Duration::from_secs(30), server.add_voter(o.1, o.2))
-                    .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(30), server.add_voter(o.1, o.2)).await;
             } else if o.4 && member && o.1 != server.id {
                 let _ = tokio::time::timeout(Duration::from_secs(10), server.remove(o.1)).await;
             }

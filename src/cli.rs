@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 mod agent_cmd;
+mod bench_cmd;
 
 use crate::dataset::{self, Format, GeoOptions, Matrix, Series, Synthetic};
 use crate::sim::gossip::{
@@ -38,6 +39,15 @@ pub struct Cli {
     command: Command,
 }
 
+/// `tomo bench` subcommands.
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// KV PUT/s and `?consistent` GET/s of a 3-server tomo cluster and a
+    /// 3-member etcd cluster on loopback, driven the same way; prints one
+    /// JSON line with both and their ratio.
+    Kv(bench_cmd::KvBenchArgs),
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Simulate the coordinate engine over a dataset and print one JSON line
@@ -48,6 +58,9 @@ enum Command {
     Dataset(DatasetCmd),
     /// Draw RTT figures from `tomo sim --out` directories or datasets.
     Plot(crate::plot::PlotArgs),
+    /// Benchmarks against peers, started side by side on this machine.
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Run an agent: SWIM gossip over UDP feeding the coordinate engine, and
     /// the HTTP API. Takes Consul's flags (`-node`, `-bind`, `-join`, `-dev`, …).
     Agent(Box<agent_cmd::AgentArgs>),
@@ -267,6 +280,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Dataset(d) => dataset_cmd(d),
         Command::Plot(p) => Ok(crate::plot::run(&p)?),
         Command::Agent(a) => agent_cmd::agent(*a),
+        Command::Bench(BenchCmd::Kv(a)) => bench_cmd::kv(a),
         Command::Demo(d) => agent_cmd::demo(d),
         Command::Members(c) => agent_cmd::members(&c),
         Command::Rtt {

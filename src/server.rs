@@ -4,10 +4,12 @@
 //!
 //! Peer RPC frames are `[length u32 BE][kind u8][payload]`, one request and
 //! one reply per frame, on connections kept open and pooled
-//! ([`RpcPool`]). Raft's own messages are JSON (kind 0), because
-//! openraft's error types only round-trip through self-describing formats;
-//! HTTP requests forwarded from client agents and followers (kind 1) are
-//! postcard, so a 512 KiB KV value is not blown up into a JSON array.
+//! ([`RpcPool`]). Raft's own requests are postcard (kind 2) and their
+//! replies JSON, because openraft's error types only round-trip through
+//! self-describing formats; HTTP requests forwarded from client agents and
+//! followers (kind 1) are postcard both ways, so a 512 KiB KV value is not
+//! blown up into a JSON array; forwarded writes and status checks are
+//! JSON (kind 0).
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -164,6 +166,9 @@ pub type HttpHandler =
 /// Frame kinds.
 const KIND_JSON: u8 = 0;
 const KIND_HTTP: u8 = 1;
+/// A Raft RPC in postcard (compact: a KV value is not a JSON array of
+/// numbers), answered in JSON (openraft's errors need it).
+const KIND_RAFT: u8 = 2;
 
 async fn write_frame(s: &mut TcpStream, kind: u8, bytes: &[u8]) -> std::io::Result<()> {
     let mut head = [0u8; 5];
@@ -323,7 +328,8 @@ impl Peer {
                 *stream = Some(s);
             }
             let s = stream.as_mut().expect("just connected");
-            write_frame(s, KIND_JSON, &to_json(rpc)?).await?;
+            let bytes = postcard::to_allocvec(rpc).map_err(std::io::Error::other)?;
+            write_frame(s, KIND_RAFT, &bytes).await?;
             let (_, reply) = read_frame(s).await?;
             from_json(&reply)
         })
@@ -647,7 +653,11 @@ impl Server {
 
 /// Commits `req`, forwarding to the leader when told to, retrying while an
 /// election is under way (up to ~5 s).
-async fn write(raft: &Raft<TypeConfig>, pool: &RpcPool, req: Request) -> Result<Response, ServerError> {
+async fn write(
+    raft: &Raft<TypeConfig>,
+    pool: &RpcPool,
+    req: Request,
+) -> Result<Response, ServerError> {
     let mut last = ServerError::NoLeader;
     for attempt in 0..50u32 {
         if attempt > 0 {
@@ -656,7 +666,9 @@ async fn write(raft: &Raft<TypeConfig>, pool: &RpcPool, req: Request) -> Result<
         match raft.client_write(req.clone()).await {
             Ok(r) => return Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                let Some(addr) = f.leader_node.and_then(|n| n.addr.parse::<SocketAddr>().ok())
+                let Some(addr) = f
+                    .leader_node
+                    .and_then(|n| n.addr.parse::<SocketAddr>().ok())
                 else {
                     last = ServerError::NoLeader;
                     continue;
@@ -715,8 +727,13 @@ async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
             let _ = s.set_nodelay(true);
             while let Ok((kind, bytes)) = read_frame(&mut s).await {
                 let reply = match kind {
-                    KIND_JSON => {
-                        let Ok(rpc) = from_json::<Rpc>(&bytes) else {
+                    KIND_JSON | KIND_RAFT => {
+                        let rpc = if kind == KIND_JSON {
+                            from_json::<Rpc>(&bytes).ok()
+                        } else {
+                            postcard::from_bytes::<Rpc>(&bytes).ok()
+                        };
+                        let Some(rpc) = rpc else {
                             break;
                         };
                         match to_json(&answer(&ctx, rpc).await) {

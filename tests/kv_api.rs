@@ -518,7 +518,9 @@ async fn catalog_and_health_sort_by_rtt_with_near() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_services_run_ttl_and_tcp_checks() {
     let dir = tempfile::TempDir::new().unwrap();
-    let cfg = with_server(AgentConfig::dev("svc-node"), &dir);
+    let mut cfg = with_server(AgentConfig::dev("svc-node"), &dir);
+    // Consul's floor is a minute; a second keeps the test short.
+    cfg.deregister_critical_min = Duration::from_secs(1);
     let agent = Agent::start(cfg).await.unwrap();
     let a = agent.http_addr;
     // Something for the TCP check to reach.
@@ -599,6 +601,67 @@ async fn agent_services_run_ttl_and_tcp_checks() {
     assert_eq!(json(&got), serde_json::json!({}));
     let (_, _, got) = call(a, "GET", "/v1/agent/checks", b"").await;
     assert!(json(&got).get("service:pg-1:1").is_none(), "{got}");
+
+    // DeregisterCriticalServiceAfter: a service whose TTL check stays
+    // critical that long is deregistered, from the agent and the catalog.
+    let body = r#"{"Name":"cache","ID":"cache-1","Check":{"TTL":"1s","DeregisterCriticalServiceAfter":"1s"}}"#;
+    let (st, _, _) = call(a, "PUT", "/v1/agent/service/register", body.as_bytes()).await;
+    assert_eq!(st, 200);
+    let (_, _, got) = call(a, "GET", "/v1/catalog/service/cache", b"").await;
+    assert_eq!(json(&got).as_array().unwrap().len(), 1, "{got}");
+    let start = Instant::now();
+    loop {
+        let (_, _, got) = call(a, "GET", "/v1/catalog/service/cache", b"").await;
+        if json(&got) == serde_json::json!([]) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not reaped: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(800),
+        "reaped too early"
+    );
+    let (_, _, got) = call(a, "GET", "/v1/agent/services", b"").await;
+    assert!(json(&got).get("cache-1").is_none(), "{got}");
+    // A bad duration is Consul's decode error, and registers nothing.
+    let body = r#"{"Name":"bad","Check":{"TTL":"1s","DeregisterCriticalServiceAfter":"soon"}}"#;
+    let (st, _, got) = call(a, "PUT", "/v1/agent/service/register", body.as_bytes()).await;
+    assert_eq!(st, 400, "{got}");
+    assert!(got.contains("Request decode failed"), "{got}");
+
+    // node-meta filters catalog and health reads by node metadata.
+    for (node, rack) in [("m1", "r1"), ("m2", "r2")] {
+        let body = format!(
+            r#"{{"Node":"{node}","Address":"10.0.0.1","NodeMeta":{{"rack":"{rack}"}},"Service":{{"Service":"db","Port":1}}}}"#
+        );
+        let (st, _, got) = call(a, "PUT", "/v1/catalog/register", body.as_bytes()).await;
+        assert_eq!(st, 200, "{got}");
+    }
+    let nodes_of = |got: &str, key: &str| -> Vec<String> {
+        json(got)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                e.pointer(key)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect()
+    };
+    let (_, _, got) = call(a, "GET", "/v1/catalog/nodes?node-meta=rack:r2", b"").await;
+    assert_eq!(nodes_of(&got, "/Node"), ["m2"]);
+    let (_, _, got) = call(a, "GET", "/v1/catalog/service/db?node-meta=rack:r1", b"").await;
+    assert_eq!(nodes_of(&got, "/Node"), ["m1"]);
+    let (_, _, got) = call(a, "GET", "/v1/health/service/db?node-meta=rack:r1", b"").await;
+    assert_eq!(nodes_of(&got, "/Node/Node"), ["m1"]);
+    let (_, _, got) = call(a, "GET", "/v1/catalog/nodes?node-meta=rack:r3", b"").await;
+    assert_eq!(json(&got), serde_json::json!([]));
     agent.shutdown().await;
 }
 

@@ -130,17 +130,21 @@ fn three_servers_and_two_clients_keep_every_acknowledged_write() {
     // exactly once.
     wait_for("a leader and three voters", Duration::from_secs(60), || {
         let l = c.leader_seen_by(0);
-        l.is_some()
-            && (0..SERVERS).all(|i| c.leader_seen_by(i) == l && c.peers_seen_by(i) == 3)
+        l.is_some() && (0..SERVERS).all(|i| c.leader_seen_by(i) == l && c.peers_seen_by(i) == 3)
     });
 
     // Writes through every node, servers and clients; each read back
     // through every other node.
-    wait_for("the clients reach a server", Duration::from_secs(30), || {
-        (SERVERS..NODES).all(|i| c.put(i, &format!("probe/{i}"), "x"))
-    });
+    wait_for(
+        "the clients reach a server",
+        Duration::from_secs(30),
+        || (SERVERS..NODES).all(|i| c.put(i, &format!("probe/{i}"), "x")),
+    );
     for i in 0..NODES {
-        assert!(c.put(i, &format!("through/{i}"), &format!("v{i}")), "PUT via node {i}");
+        assert!(
+            c.put(i, &format!("through/{i}"), &format!("v{i}")),
+            "PUT via node {i}"
+        );
     }
     for i in 0..NODES {
         for j in 0..NODES {
@@ -158,11 +162,14 @@ fn three_servers_and_two_clients_keep_every_acknowledged_write() {
         json(c.http[3], "/v1/catalog/nodes").and_then(|v| v.as_array().map(|a| a.len()))
             == Some(NODES)
     });
-    wait_for("serfHealth passing everywhere", Duration::from_secs(30), || {
-        json(c.http[4], "/v1/health/state/passing")
-            .and_then(|v| v.as_array().map(|a| a.len()))
-            == Some(NODES)
-    });
+    wait_for(
+        "serfHealth passing everywhere",
+        Duration::from_secs(30),
+        || {
+            json(c.http[4], "/v1/health/state/passing").and_then(|v| v.as_array().map(|a| a.len()))
+                == Some(NODES)
+        },
+    );
 
     // Leader headers: a follower's stale read is answered locally with a
     // known leader and a recent contact; default reads come from the
@@ -221,7 +228,10 @@ fn three_servers_and_two_clients_keep_every_acknowledged_write() {
         (t.elapsed(), a.map(|a| (a.status, a.body)))
     });
     std::thread::sleep(Duration::from_secs(2));
-    assert!(!waiter.is_finished(), "blocking query returned before a change");
+    assert!(
+        !waiter.is_finished(),
+        "blocking query returned before a change"
+    );
     assert!(c.put(0, "block", "changed"));
     let (took, got) = waiter.join().unwrap();
     let (status, body) = got.expect("blocking query answered");
@@ -267,7 +277,10 @@ fn three_servers_and_two_clients_keep_every_acknowledged_write() {
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
     let acked = acked.lock().unwrap().clone();
-    assert!(before_kill > 10, "only {before_kill} writes before the kill");
+    assert!(
+        before_kill > 10,
+        "only {before_kill} writes before the kill"
+    );
     // Every acknowledged write is there, read through the other client.
     let a = http_full(
         "GET",
@@ -285,24 +298,41 @@ fn three_servers_and_two_clients_keep_every_acknowledged_write() {
         .iter()
         .filter_map(|k| k.as_str())
         .collect();
-    let lost: Vec<&String> = acked.iter().filter(|k| !listed.contains(k.as_str())).collect();
-    assert!(lost.is_empty(), "{} of {} acknowledged writes lost: {lost:?}", lost.len(), acked.len());
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|k| !listed.contains(k.as_str()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
 
     // The killed server comes back from its data dir: still a member, and
     // it catches up with everything written while it was down.
     c.spawn(leader);
     let last = acked.last().unwrap().clone();
-    wait_for("the restarted server caught up", Duration::from_secs(60), || {
-        c.get_raw(leader, &format!("/v1/kv/{last}?stale&raw")).as_deref() == Some(last.as_str())
-            && c.get_raw(leader, "/v1/kv/through/0?stale&raw").as_deref() == Some("v0")
-    });
+    wait_for(
+        "the restarted server caught up",
+        Duration::from_secs(60),
+        || {
+            c.get_raw(leader, &format!("/v1/kv/{last}?stale&raw"))
+                .as_deref()
+                == Some(last.as_str())
+                && c.get_raw(leader, "/v1/kv/through/0?stale&raw").as_deref() == Some("v0")
+        },
+    );
     assert_eq!(c.peers_seen_by(leader), 3);
 
     // A server that leaves gracefully is taken out of the group.
     let gone = (0..SERVERS)
         .find(|i| c.leader_seen_by(0) != Some(*i))
         .unwrap();
-    assert_eq!(http("PUT", c.http[gone], "/v1/agent/leave").map(|r| r.0), Some(200));
+    assert_eq!(
+        http("PUT", c.http[gone], "/v1/agent/leave").map(|r| r.0),
+        Some(200)
+    );
     let stay = (0..SERVERS).find(|i| *i != gone).unwrap();
     let t = Instant::now();
     while c.peers_seen_by(stay) != 2 {
@@ -314,5 +344,8 @@ fn three_servers_and_two_clients_keep_every_acknowledged_write() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(c.put(4, "after/leave", "ok"), "writes go on with two servers");
+    assert!(
+        c.put(4, "after/leave", "ok"),
+        "writes go on with two servers"
+    );
 }

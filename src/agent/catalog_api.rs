@@ -46,10 +46,17 @@ fn reply(v: &Value, index: u64) -> Response {
     )
         .into_response();
     let h = r.headers_mut();
+    // X-Consul-KnownLeader and LastContact: stamped by `forward::dispatch`.
     h.insert("X-Consul-Index", HeaderValue::from(index.max(1)));
-    h.insert("X-Consul-KnownLeader", HeaderValue::from_static("true"));
-    h.insert("X-Consul-LastContact", HeaderValue::from_static("0"));
     r
+}
+
+/// Whether a node's metadata has every `node-meta=key:value` asked for.
+fn meta_ok(p: &[(String, String)], meta: &std::collections::BTreeMap<String, String>) -> bool {
+    p.iter().filter(|(k, _)| k == "node-meta").all(|(_, kv)| {
+        let (k, v) = kv.split_once(':').unwrap_or((kv.as_str(), ""));
+        meta.get(k).is_some_and(|m| m == v)
+    })
 }
 
 /// Blocks a read for `?index=N` until `index_of(catalog)` passes N or the
@@ -307,9 +314,14 @@ pub async fn nodes(State(api): State<Arc<CatalogApi>>, Query(p): Params) -> Resp
     if let Err(r) = block(&api.server, &p, |c| c.indexes().nodes).await {
         return r;
     }
-    let (mut list, index) = api
-        .server
-        .read(|c| (c.nodes().cloned().collect::<Vec<_>>(), c.indexes().nodes));
+    let (mut list, index) = api.server.read(|c| {
+        let list: Vec<Node> = c
+            .nodes()
+            .filter(|n| meta_ok(&p, &n.meta))
+            .cloned()
+            .collect();
+        (list, c.indexes().nodes)
+    });
     api.sort_near(&p, &mut list, |n| &n.name);
     reply(&Value::Array(list.iter().map(node_json).collect()), index)
 }
@@ -320,9 +332,15 @@ pub async fn services(State(api): State<Arc<CatalogApi>>, Query(p): Params) -> R
         return r;
     }
     let (v, index) = api.server.read(|c| {
+        let filtered = p.iter().any(|(k, _)| k == "node-meta");
         let m: Map<String, Value> = c
             .service_names()
             .into_iter()
+            .filter(|(n, _)| {
+                !filtered
+                    || c.service_instances(n)
+                        .any(|(node, _)| meta_ok(&p, &node.meta))
+            })
             .map(|(n, tags)| (n.to_string(), json!(tags)))
             .collect();
         (Value::Object(m), c.indexes().services)
@@ -330,7 +348,8 @@ pub async fn services(State(api): State<Arc<CatalogApi>>, Query(p): Params) -> R
     reply(&v, index)
 }
 
-/// Instances of `name` with every `tag` asked for, by node then ID.
+/// Instances of `name` with every `tag` asked for, on nodes with every
+/// `node-meta` asked for, by node then ID.
 fn instances(c: &Catalog, name: &str, p: &[(String, String)]) -> Vec<(Node, Service)> {
     let tags: Vec<&str> = p
         .iter()
@@ -338,7 +357,7 @@ fn instances(c: &Catalog, name: &str, p: &[(String, String)]) -> Vec<(Node, Serv
         .map(|(_, v)| v.as_str())
         .collect();
     c.service_instances(name)
-        .filter(|(_, s)| tags.iter().all(|t| s.tags.iter().any(|x| x == t)))
+        .filter(|(n, s)| tags.iter().all(|t| s.tags.iter().any(|x| x == t)) && meta_ok(p, &n.meta))
         .map(|(n, s)| (n.clone(), s.clone()))
         .collect()
 }
@@ -463,7 +482,10 @@ pub async fn health_checks(
     }
     let (mut list, index) = api.server.read(|c| {
         let mut list = Vec::new();
-        for (n, s) in c.service_instances(&name) {
+        for (n, s) in c
+            .service_instances(&name)
+            .filter(|(n, _)| meta_ok(&p, &n.meta))
+        {
             for k in c.node_checks(&n.name).filter(|k| k.service_id == s.id) {
                 list.push((n.name.clone(), check_json(c, &n.name, k)));
             }
@@ -495,7 +517,7 @@ pub async fn health_state(
     }
     let (mut list, index) = api.server.read(|c| {
         let mut list = Vec::new();
-        for n in c.nodes() {
+        for n in c.nodes().filter(|n| meta_ok(&p, &n.meta)) {
             for k in c.node_checks(&n.name) {
                 if want.is_none_or(|w| k.status == w) {
                     list.push((n.name.clone(), check_json(c, &n.name, k)));

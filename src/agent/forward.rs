@@ -367,7 +367,10 @@ pub async fn dispatch(State(f): State<Arc<Forwarder>>, req: Request, next: Next)
         && is_read
         && let Err(e) = server.read_consistent(|_| ()).await
     {
-        return text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{NO_LEADER}: {e}"));
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("{NO_LEADER}: {e}"),
+        );
     }
     let mut r = next.run(req).await;
     stamp(&server, r.headers_mut());
@@ -393,7 +396,9 @@ pub async fn leave_group(server: &Server, id: u64) -> Result<(), ForwardError> {
     if a.status == 200 {
         Ok(())
     } else {
-        Err(ForwardError::Rpc(String::from_utf8_lossy(&a.body).into_owned()))
+        Err(ForwardError::Rpc(
+            String::from_utf8_lossy(&a.body).into_owned(),
+        ))
     }
 }
 

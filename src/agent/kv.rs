@@ -76,8 +76,7 @@ fn text(status: StatusCode, msg: &str, index: u64) -> Response {
 fn set_index(r: &mut Response, index: u64) {
     let h = r.headers_mut();
     h.insert("X-Consul-Index", HeaderValue::from(index.max(1)));
-    h.insert("X-Consul-KnownLeader", HeaderValue::from_static("true"));
-    h.insert("X-Consul-LastContact", HeaderValue::from_static("0"));
+    // X-Consul-KnownLeader and LastContact: stamped by `forward::dispatch`.
 }
 
 fn json(v: &Value, pretty: bool, index: u64) -> Response {

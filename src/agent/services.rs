@@ -17,9 +17,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
+use super::forward::Forwarder;
 use super::kv::parse_go_duration;
 use super::wire::{field, object, request, service_from, str_of, text};
-use super::forward::Forwarder;
 use crate::catalog::{Check, Command, Health, Service};
 
 /// How a check is run.
@@ -42,7 +42,26 @@ struct LocalCheck {
     timeout: Duration,
     /// TTL: when it expires; others: when it runs next.
     due: Instant,
+    /// Deregister the check's service after it has been critical this long
+    /// (`DeregisterCriticalServiceAfter`).
+    deregister_after: Option<Duration>,
+    /// Since when it has been critical.
+    critical_since: Option<Instant>,
 }
+
+impl LocalCheck {
+    fn set(&mut self, status: Health, output: String, now: Instant) {
+        self.check.status = status;
+        self.check.output = output;
+        self.critical_since = match status {
+            Health::Critical => Some(self.critical_since.unwrap_or(now)),
+            _ => None,
+        };
+    }
+}
+
+/// Consul's floor for `DeregisterCriticalServiceAfter`.
+pub const DEREGISTER_CRITICAL_MIN: Duration = Duration::from_secs(60);
 
 /// The agent's local services and checks.
 pub struct AgentServices {
@@ -53,6 +72,8 @@ pub struct AgentServices {
     checks: Mutex<BTreeMap<String, LocalCheck>>,
     /// Catalog writes that failed, retried every tick (in order).
     unsynced: Mutex<Vec<Command>>,
+    /// The shortest `DeregisterCriticalServiceAfter` honoured.
+    deregister_min: Duration,
 }
 
 type Params = Query<HashMap<String, String>>;
@@ -72,7 +93,14 @@ fn dur_of(m: &Map<String, Value>, k: &str) -> Result<Option<Duration>, String> {
 impl AgentServices {
     /// The endpoints for agent `node` in `datacenter`, writing to the
     /// catalog through `fwd`.
-    pub fn new(fwd: Arc<Forwarder>, node: String, datacenter: String) -> Arc<AgentServices> {
+    /// `DeregisterCriticalServiceAfter` below `deregister_min` is raised to
+    /// it (Consul: one minute).
+    pub fn new(
+        fwd: Arc<Forwarder>,
+        node: String,
+        datacenter: String,
+        deregister_min: Duration,
+    ) -> Arc<AgentServices> {
         Arc::new(AgentServices {
             fwd,
             node,
@@ -80,6 +108,7 @@ impl AgentServices {
             services: Mutex::new(BTreeMap::new()),
             checks: Mutex::new(BTreeMap::new()),
             unsynced: Mutex::new(Vec::new()),
+            deregister_min,
         })
     }
 
@@ -114,15 +143,19 @@ impl AgentServices {
     }
 
     /// Parses a check definition and registers it (catalog and runner).
-    async fn add_check(
+    /// Parses a check definition (nothing changes on an error).
+    fn parse_check(
         &self,
         c: &Map<String, Value>,
         service_id: &str,
         fallback_id: String,
-    ) -> Result<(), String> {
+    ) -> Result<LocalCheck, String> {
         let ttl = dur_of(c, "TTL")?;
         let interval = dur_of(c, "Interval")?.unwrap_or(Duration::from_secs(10));
         let timeout = dur_of(c, "Timeout")?.unwrap_or(Duration::from_secs(10));
+        let deregister_after = dur_of(c, "DeregisterCriticalServiceAfter")?
+            .filter(|d| !d.is_zero())
+            .map(|d| d.max(self.deregister_min));
         let (http, tcp) = (str_of(c, "HTTP"), str_of(c, "TCP"));
         let probe = match (ttl, http.is_empty(), tcp.is_empty()) {
             (Some(t), _, _) => Probe::Ttl(t),
@@ -147,7 +180,7 @@ impl AgentServices {
             .filter(|s| !s.is_empty())
             .unwrap_or(service_id.to_string());
         let check = Check {
-            id: id.clone(),
+            id,
             name,
             status,
             output: String::new(),
@@ -155,26 +188,33 @@ impl AgentServices {
             create_index: 0,
             modify_index: 0,
         };
-        self.write(Command::RegisterCheck {
-            node: self.node.clone(),
-            check: check.clone(),
-        })
-        .await?;
         let due = Instant::now()
             + match probe {
                 Probe::Ttl(t) => t,
                 _ => Duration::ZERO,
             };
-        self.checks.lock().expect("not poisoned").insert(
-            id,
-            LocalCheck {
-                check,
-                probe,
-                interval,
-                timeout,
-                due,
-            },
-        );
+        Ok(LocalCheck {
+            critical_since: (check.status == Health::Critical).then(Instant::now),
+            deregister_after,
+            check,
+            probe,
+            interval,
+            timeout,
+            due,
+        })
+    }
+
+    /// Registers a parsed check (catalog and runner).
+    async fn add_check(&self, local: LocalCheck) -> Result<(), String> {
+        self.write(Command::RegisterCheck {
+            node: self.node.clone(),
+            check: local.check.clone(),
+        })
+        .await?;
+        self.checks
+            .lock()
+            .expect("not poisoned")
+            .insert(local.check.id.clone(), local);
         Ok(())
     }
 
@@ -183,8 +223,7 @@ impl AgentServices {
             if let Probe::Ttl(t) = c.probe {
                 c.due = Instant::now() + t;
             }
-            c.check.status = status;
-            c.check.output = output.clone();
+            c.set(status, output.clone(), Instant::now());
         }
         self.write(Command::UpdateCheck {
             node: self.node.clone(),
@@ -220,8 +259,7 @@ impl AgentServices {
                 Probe::Http(url) => run_http(url, c.timeout).await,
             };
             if let Some(l) = self.checks.lock().expect("not poisoned").get_mut(&id) {
-                l.check.status = status;
-                l.check.output = output.clone();
+                l.set(status, output.clone(), now);
             }
             let _ = self
                 .write(Command::UpdateCheck {
@@ -232,6 +270,46 @@ impl AgentServices {
                 })
                 .await;
         }
+        // Services whose check has been critical too long go (Consul's
+        // reaper).
+        let reap: Vec<String> = self
+            .checks
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .filter(|c| !c.check.service_id.is_empty())
+            .filter(|c| {
+                matches!((c.deregister_after, c.critical_since),
+                    (Some(after), Some(since)) if now.saturating_duration_since(since) >= after)
+            })
+            .map(|c| c.check.service_id.clone())
+            .collect();
+        for id in reap {
+            let _ = self.remove_service(&id).await;
+        }
+    }
+
+    /// Deregisters a local service and its checks; false if unknown.
+    async fn remove_service(&self, id: &str) -> Result<bool, String> {
+        if self
+            .services
+            .lock()
+            .expect("not poisoned")
+            .remove(id)
+            .is_none()
+        {
+            return Ok(false);
+        }
+        self.checks
+            .lock()
+            .expect("not poisoned")
+            .retain(|_, k| k.check.service_id != id);
+        self.write(Command::DeregisterService {
+            node: self.node.clone(),
+            id: id.to_string(),
+        })
+        .await?;
+        Ok(true)
     }
 }
 
@@ -290,6 +368,28 @@ pub async fn register_service(State(st): State<Arc<AgentServices>>, body: Bytes)
         return text(StatusCode::BAD_REQUEST, "Missing service name");
     };
     let id = service.id.clone();
+    let mut defs: Vec<Map<String, Value>> = Vec::new();
+    if let Some(Value::Object(c)) = field(&m, "Check") {
+        defs.push(c.clone());
+    }
+    if let Some(Value::Array(a)) = field(&m, "Checks") {
+        defs.extend(a.iter().filter_map(|c| c.as_object().cloned()));
+    }
+    // Every check parses before anything is registered.
+    let n = defs.len();
+    let mut checks = Vec::new();
+    for (k, c) in defs.iter().enumerate() {
+        // Consul's IDs for unnamed service checks.
+        let fallback = if n == 1 {
+            format!("service:{id}")
+        } else {
+            format!("service:{id}:{}", k + 1)
+        };
+        match st.parse_check(c, &id, fallback) {
+            Ok(l) => checks.push(l),
+            Err(e) => return text(StatusCode::BAD_REQUEST, &e),
+        }
+    }
     st.services
         .lock()
         .expect("not poisoned")
@@ -303,23 +403,9 @@ pub async fn register_service(State(st): State<Arc<AgentServices>>, body: Bytes)
     {
         return text(StatusCode::INTERNAL_SERVER_ERROR, &e);
     }
-    let mut checks: Vec<Map<String, Value>> = Vec::new();
-    if let Some(Value::Object(c)) = field(&m, "Check") {
-        checks.push(c.clone());
-    }
-    if let Some(Value::Array(a)) = field(&m, "Checks") {
-        checks.extend(a.iter().filter_map(|c| c.as_object().cloned()));
-    }
-    let n = checks.len();
-    for (k, c) in checks.iter().enumerate() {
-        // Consul's IDs for unnamed service checks.
-        let fallback = if n == 1 {
-            format!("service:{id}")
-        } else {
-            format!("service:{id}:{}", k + 1)
-        };
-        if let Err(e) = st.add_check(c, &id, fallback).await {
-            return text(StatusCode::BAD_REQUEST, &e);
+    for l in checks {
+        if let Err(e) = st.add_check(l).await {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, &e);
         }
     }
     StatusCode::OK.into_response()
@@ -330,42 +416,14 @@ pub async fn deregister_service(
     State(st): State<Arc<AgentServices>>,
     Path(id): Path<String>,
 ) -> Response {
-    let known = st
-        .services
-        .lock()
-        .expect("not poisoned")
-        .remove(&id)
-        .is_some();
-    if !known {
-        return text(
+    match st.remove_service(&id).await {
+        Ok(true) => StatusCode::OK.into_response(),
+        Ok(false) => text(
             StatusCode::NOT_FOUND,
             &format!(
                 "Unknown service ID {id:?}. Ensure that the service ID is passed, not the service name."
             ),
-        );
-    }
-    let owned: Vec<String> = st
-        .checks
-        .lock()
-        .expect("not poisoned")
-        .iter()
-        .filter(|(_, k)| k.check.service_id == id)
-        .map(|(i, _)| i.clone())
-        .collect();
-    {
-        let mut checks = st.checks.lock().expect("not poisoned");
-        for c in owned {
-            checks.remove(&c);
-        }
-    }
-    match st
-        .write(Command::DeregisterService {
-            node: st.node.clone(),
-            id,
-        })
-        .await
-    {
-        Ok(()) => StatusCode::OK.into_response(),
+        ),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e),
     }
 }
@@ -427,9 +485,13 @@ pub async fn register_check(State(st): State<Arc<AgentServices>>, body: Bytes) -
     if name.is_empty() {
         return text(StatusCode::BAD_REQUEST, "Missing check name");
     }
-    match st.add_check(&m, "", name).await {
+    let local = match st.parse_check(&m, "", name) {
+        Ok(l) => l,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e),
+    };
+    match st.add_check(local).await {
         Ok(()) => StatusCode::OK.into_response(),
-        Err(e) => text(StatusCode::BAD_REQUEST, &e),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e),
     }
 }
 

@@ -343,6 +343,7 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
         bootstrap: a.dev || a.bootstrap_expect == Some(1),
         bootstrap_expect: a.bootstrap_expect.unwrap_or(0),
         session_ttl_min: crate::agent::session::DEFAULT_TTL_MIN,
+        deregister_critical_min: crate::agent::services::DEREGISTER_CRITICAL_MIN,
         node,
         datacenter: a.datacenter.clone(),
         bind: SocketAddr::new(bind_ip, a.serf_lan_port),

@@ -3,6 +3,12 @@
 //! durability before openraft hears it is done (its durability contract:
 //! a vote or an appended entry must survive a crash once acknowledged).
 //!
+//! Log writes go through one writer thread in order (group commit): the
+//! appends queued while an fsync runs are committed together by the next
+//! one, and an fsync never blocks the async runtime. Entries appended but
+//! not yet on disk are readable from memory meanwhile, because openraft
+//! replicates an entry as soon as it is submitted.
+//!
 //! The state machine ([`Catalog`]) lives in memory; its snapshots are
 //! persisted, and on start the machine reloads the last one and openraft
 //! replays the log after it. Entries are postcard-encoded; snapshot data is
@@ -12,11 +18,12 @@
 // the helpers here return it too rather than box and unbox at every call.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -98,7 +105,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
         source: e,
     })?;
     let db = Arc::new(db);
-    let log = LogStore { db: db.clone() };
+    let log = LogStore::new(db.clone());
     let corrupt = |what: String| StoreError::Corrupt {
         path: shown.clone(),
         what,
@@ -110,13 +117,183 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
     Ok((log, sm))
 }
 
+/// An entry appended but maybe not on disk yet, postcard-encoded.
+type Row = (LogId<u64>, Arc<Vec<u8>>);
+
+/// Work for the writer thread, done in order.
+enum Job {
+    /// Entries to commit; `LogFlushed` tells openraft once they are on disk.
+    Append(Vec<Row>, LogFlushed<TypeConfig>),
+    /// Any other write, run in a transaction of its own; the answer goes
+    /// back if someone waits.
+    Other(
+        Box<dyn FnOnce(&Database) -> Result<(), redb::Error> + Send>,
+        Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ),
+}
+
 /// The Raft log.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// Appended, not yet committed by the writer: index → entry.
+    pending: Arc<Mutex<BTreeMap<u64, Row>>>,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// The writer thread: takes every queued job, commits runs of appends in
+/// one transaction (one fsync), runs other writes in order between them.
+///
+/// It holds the database weakly: the file is closed as soon as the store
+/// is dropped (a restart in the same process reopens it at once).
+fn writer(
+    db: std::sync::Weak<Database>,
+    pending: Arc<Mutex<BTreeMap<u64, Row>>>,
+    jobs: mpsc::Receiver<Job>,
+) {
+    let closed = || redb::Error::Corrupted("the store is closed".into());
+    let flush = |appends: &mut Vec<(Vec<Row>, LogFlushed<TypeConfig>)>| {
+        if appends.is_empty() {
+            return;
+        }
+        let commit = || -> Result<(), redb::Error> {
+            let db = db.upgrade().ok_or_else(closed)?;
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(LOG)?;
+                for (rows, _) in appends.iter() {
+                    for (id, bytes) in rows {
+                        t.insert(id.index, bytes.as_slice())?;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        };
+        let r = commit();
+        if r.is_ok() {
+            let mut p = pending.lock().expect("not poisoned");
+            for (rows, _) in appends.iter() {
+                for (id, bytes) in rows {
+                    // A later append of the same index (after a truncate)
+                    // stays pending until its own commit.
+                    if p.get(&id.index).is_some_and(|(_, b)| Arc::ptr_eq(b, bytes)) {
+                        p.remove(&id.index);
+                    }
+                }
+            }
+        }
+        for (_, cb) in appends.drain(..) {
+            cb.log_io_completed(
+                r.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| std::io::Error::other(e.to_string())),
+            );
+        }
+    };
+    let mut appends = Vec::new();
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        batch.extend(jobs.try_iter());
+        for job in batch {
+            match job {
+                Job::Append(rows, cb) => appends.push((rows, cb)),
+                Job::Other(f, reply) => {
+                    flush(&mut appends);
+                    let r = match db.upgrade() {
+                        Some(db) => f(&db).map_err(|e| e.to_string()),
+                        None => Err(closed().to_string()),
+                    };
+                    if let Some(reply) = reply {
+                        let _ = reply.send(r);
+                    }
+                }
+            }
+        }
+        flush(&mut appends);
+    }
 }
 
 impl LogStore {
+    fn new(db: Arc<Database>) -> LogStore {
+        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let (tx, rx) = mpsc::channel();
+        let (d, p) = (Arc::downgrade(&db), pending.clone());
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || writer(d, p, rx))
+            .expect("spawn the log writer thread");
+        LogStore {
+            db,
+            pending,
+            jobs: tx,
+        }
+    }
+
+    /// Runs a write on the writer thread, after everything queued before
+    /// it, and waits for it.
+    async fn write(
+        &self,
+        f: impl FnOnce(&Database) -> Result<(), redb::Error> + Send + 'static,
+    ) -> Result<(), Sto> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Job::Other(Box::new(f), Some(tx)))
+            .map_err(|_| write_err(std::io::Error::other("the log writer has stopped")))?;
+        rx.await
+            .map_err(|_| write_err(std::io::Error::other("the log writer has stopped")))?
+            .map_err(|e| write_err(std::io::Error::other(e)))
+    }
+
+    /// Writes a metadata value on the writer thread; waits for it unless
+    /// `durability` is `None` (then it is on disk with the next durable
+    /// commit, and nobody waits).
+    async fn put_meta_with<T: Serialize>(
+        &self,
+        key: &'static str,
+        v: &T,
+        durability: redb::Durability,
+    ) -> Result<(), Sto> {
+        let bytes = serde_json::to_vec(v).map_err(write_err)?;
+        let durable = matches!(durability, redb::Durability::Immediate);
+        let f = move |db: &Database| -> Result<(), redb::Error> {
+            let mut tx = db.begin_write()?;
+            tx.set_durability(durability)
+                .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+            {
+                let mut t = tx.open_table(META)?;
+                t.insert(key, bytes.as_slice())?;
+            }
+            tx.commit()?;
+            Ok(())
+        };
+        if durable {
+            self.write(f).await
+        } else {
+            self.jobs
+                .send(Job::Other(Box::new(f), None))
+                .map_err(|_| write_err(std::io::Error::other("the log writer has stopped")))
+        }
+    }
+
+    /// Removes the entries with an index in `range`, on disk and pending.
+    async fn remove(&self, range: (std::ops::Bound<u64>, std::ops::Bound<u64>)) -> Result<(), Sto> {
+        self.pending
+            .lock()
+            .expect("not poisoned")
+            .retain(|k, _| !range.contains(k));
+        self.write(move |db| {
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(LOG)?;
+                t.retain_in(range, |_, _| false)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     fn meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, Sto> {
         let tx = self.db.begin_read().map_err(read_err)?;
         let t = tx.open_table(META).map_err(read_err)?;
@@ -126,16 +303,6 @@ impl LogStore {
         serde_json::from_slice(v.value())
             .map(Some)
             .map_err(read_err)
-    }
-
-    fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), Sto> {
-        let bytes = serde_json::to_vec(v).map_err(write_err)?;
-        let tx = self.db.begin_write().map_err(write_err)?;
-        {
-            let mut t = tx.open_table(META).map_err(write_err)?;
-            t.insert(key, bytes.as_slice()).map_err(write_err)?;
-        }
-        tx.commit().map_err(write_err)
     }
 
     fn last_entry(&self) -> Result<Option<Entry<TypeConfig>>, Sto> {
@@ -167,16 +334,6 @@ impl LogStore {
         self.meta::<LogId<u64>>(PURGED)?;
         Ok(())
     }
-
-    /// Removes the entries with an index in `range`.
-    fn remove(&self, range: impl RangeBounds<u64>) -> Result<(), Sto> {
-        let tx = self.db.begin_write().map_err(write_err)?;
-        {
-            let mut t = tx.open_table(LOG).map_err(write_err)?;
-            t.retain_in(range, |_, _| false).map_err(write_err)?;
-        }
-        tx.commit().map_err(write_err)
-    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -187,12 +344,27 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let tx = self.db.begin_read().map_err(read_err)?;
         let t = tx.open_table(LOG).map_err(read_err)?;
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
-        let mut out = Vec::new();
+        // Pending entries first (a snapshot of them taken before the disk
+        // read: one the writer commits meanwhile is then found on disk).
+        let pending: Vec<(u64, Arc<Vec<u8>>)> = self
+            .pending
+            .lock()
+            .expect("not poisoned")
+            .range(bounds)
+            .map(|(k, (_, b))| (*k, b.clone()))
+            .collect();
+        let mut rows: BTreeMap<u64, Entry<TypeConfig>> = BTreeMap::new();
         for row in t.range::<u64>(bounds).map_err(read_err)? {
-            let (_, v) = row.map_err(read_err)?;
-            out.push(postcard::from_bytes(v.value()).map_err(read_err)?);
+            let (k, v) = row.map_err(read_err)?;
+            rows.insert(
+                k.value(),
+                postcard::from_bytes(v.value()).map_err(read_err)?,
+            );
         }
-        Ok(out)
+        for (k, b) in pending {
+            rows.insert(k, postcard::from_bytes(&b).map_err(read_err)?);
+        }
+        Ok(rows.into_values().collect())
     }
 }
 
@@ -201,7 +373,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, Sto> {
         let last_purged_log_id = self.meta::<LogId<u64>>(PURGED)?;
-        let last_log_id = self.last_entry()?.map(|e| e.log_id).or(last_purged_log_id);
+        let pending_last = self
+            .pending
+            .lock()
+            .expect("not poisoned")
+            .last_key_value()
+            .map(|(_, (id, _))| *id);
+        let last_log_id = pending_last
+            .or(self.last_entry()?.map(|e| e.log_id))
+            .or(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -213,7 +393,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), Sto> {
-        self.put_meta(VOTE, vote)
+        self.put_meta_with(VOTE, vote, redb::Durability::Immediate)
+            .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, Sto> {
@@ -221,7 +402,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), Sto> {
-        self.put_meta(COMMITTED, &committed)
+        // Only a hint for a faster restart (openraft re-derives what is
+        // committed from a quorum): no fsync of its own, on disk with the
+        // next log append.
+        self.put_meta_with(COMMITTED, &committed, redb::Durability::None)
+            .await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, Sto> {
@@ -233,30 +418,38 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let tx = self.db.begin_write().map_err(write_err)?;
+        let mut rows = Vec::new();
+        for e in entries {
+            let bytes = Arc::new(postcard::to_allocvec(&e).map_err(write_err)?);
+            rows.push((e.log_id, bytes));
+        }
         {
-            let mut t = tx.open_table(LOG).map_err(write_err)?;
-            for e in entries {
-                let bytes = postcard::to_allocvec(&e).map_err(write_err)?;
-                t.insert(e.log_id.index, bytes.as_slice())
-                    .map_err(write_err)?;
+            let mut p = self.pending.lock().expect("not poisoned");
+            for (id, b) in &rows {
+                p.insert(id.index, (*id, b.clone()));
             }
         }
-        // Immediate durability (redb's default): on disk when this returns.
-        tx.commit().map_err(write_err)?;
-        callback.log_io_completed(Ok(()));
-        Ok(())
+        // The writer commits it (immediate durability) and then calls
+        // back: openraft counts it as flushed only then.
+        self.jobs
+            .send(Job::Append(rows, callback))
+            .map_err(|_| write_err(std::io::Error::other("the log writer has stopped")))
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), Sto> {
-        self.remove(log_id.index..)
+        use std::ops::Bound;
+        self.remove((Bound::Included(log_id.index), Bound::Unbounded))
+            .await
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), Sto> {
+        use std::ops::Bound;
         // Record the purge point first: a crash in between leaves extra
         // entries, never a gap.
-        self.put_meta(PURGED, &log_id)?;
-        self.remove(..=log_id.index)
+        self.put_meta_with(PURGED, &log_id, redb::Durability::Immediate)
+            .await?;
+        self.remove((Bound::Unbounded, Bound::Included(log_id.index)))
+            .await
     }
 }
 
