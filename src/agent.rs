@@ -327,6 +327,12 @@ impl Agent {
             gossip_addr,
         )));
         let server = tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            // Small answers go out at once (no Nagle delay behind the
+            // client's delayed ACK).
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app).await;
         });
         let driver = tokio::spawn(drive(Arc::new(sock), shared.clone(), cfg, rx));

@@ -289,6 +289,10 @@ pub enum Command {
         /// Its ID.
         id: String,
     },
+    /// Several commands applied in order at one Raft index: writes that
+    /// arrived together (one log entry, one fsync), or a registration that
+    /// must be seen whole (node, service and checks together).
+    Batch(Vec<Command>),
 }
 
 /// What applying a command answers.
@@ -300,6 +304,8 @@ pub enum Outcome {
     Bool(bool),
     /// The created session's ID.
     Session(String),
+    /// Each command's answer, for a [`Command::Batch`].
+    Batch(Vec<Result<Outcome, CatalogError>>),
 }
 
 /// The last Raft index that changed each table (what a blocking query on
@@ -366,7 +372,23 @@ impl Catalog {
             });
         }
         self.last_applied = index;
+        self.apply_one(index, now, cmd)
+    }
+
+    fn apply_one(
+        &mut self,
+        index: u64,
+        now: Duration,
+        cmd: Command,
+    ) -> Result<Outcome, CatalogError> {
         match cmd {
+            // In order, all at this index; each answers for itself (one
+            // refused does not undo the others).
+            Command::Batch(cmds) => Ok(Outcome::Batch(
+                cmds.into_iter()
+                    .map(|c| self.apply_one(index, now, c))
+                    .collect(),
+            )),
             Command::RegisterNode {
                 name,
                 address,

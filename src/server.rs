@@ -116,8 +116,11 @@ enum Rpc {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<u64>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
-    /// A write forwarded by a follower or a client agent.
+    /// A write forwarded by a follower: committed as it is (a batch
+    /// already, or a single write).
     Write(Request),
+    /// A write forwarded by a client agent: batched with others.
+    WriteBatched(Request),
     /// Whether the receiver belongs to a Raft group already (asked before
     /// bootstrapping, so a new server never starts a second group).
     Status,
@@ -171,11 +174,12 @@ const KIND_HTTP: u8 = 1;
 const KIND_RAFT: u8 = 2;
 
 async fn write_frame(s: &mut TcpStream, kind: u8, bytes: &[u8]) -> std::io::Result<()> {
-    let mut head = [0u8; 5];
-    head[..4].copy_from_slice(&(bytes.len() as u32).to_be_bytes());
-    head[4] = kind;
-    s.write_all(&head).await?;
-    s.write_all(bytes).await?;
+    // One write: header and payload leave in one segment.
+    let mut frame = Vec::with_capacity(bytes.len() + 5);
+    frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    frame.push(kind);
+    frame.extend_from_slice(bytes);
+    s.write_all(&frame).await?;
     s.flush().await
 }
 
@@ -283,9 +287,14 @@ impl RpcPool {
         postcard::from_bytes(&reply).map_err(std::io::Error::other)
     }
 
-    /// Has the server at `addr` commit `req` (it forwards to its leader).
+    /// Has the server at `addr` commit `req` (it batches it with other
+    /// writes and forwards to its leader).
     pub async fn write(&self, addr: SocketAddr, req: &Request) -> Result<Response, String> {
-        let bytes = to_json(&Rpc::Write(req.clone())).map_err(|e| e.to_string())?;
+        self.send_write(addr, Rpc::WriteBatched(req.clone())).await
+    }
+
+    async fn send_write(&self, addr: SocketAddr, rpc: Rpc) -> Result<Response, String> {
+        let bytes = to_json(&rpc).map_err(|e| e.to_string())?;
         let reply = self
             .call(addr, KIND_JSON, &bytes, Duration::from_secs(10))
             .await
@@ -420,6 +429,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// What the RPC listener shares with the server.
 struct Ctx {
     raft: Raft<TypeConfig>,
+    /// Writes, batched (forwarded ones included).
+    batcher: Batcher,
     /// Answers forwarded HTTP requests, once the agent has set it.
     http: OnceLock<HttpHandler>,
     /// Milliseconds since `started` when a leader last reached us.
@@ -476,7 +487,10 @@ impl Server {
         let raft = Raft::new(cfg.id, Arc::new(config), Network, log, sm.clone())
             .await
             .map_err(|e| ServerError::Raft(e.to_string()))?;
+        let pool = RpcPool::new();
+        let batcher = Batcher::start(raft.clone(), pool.clone());
         let ctx = Arc::new(Ctx {
+            batcher,
             raft: raft.clone(),
             http: OnceLock::new(),
             last_contact_ms: AtomicU64::new(u64::MAX),
@@ -489,7 +503,7 @@ impl Server {
             raft,
             sm,
             ctx,
-            pool: RpcPool::new(),
+            pool,
             listener,
         })
     }
@@ -610,7 +624,7 @@ impl Server {
     /// Commits `req` through the leader (forwarding it if this server is a
     /// follower) and returns what applying it answered.
     pub async fn write(&self, req: Request) -> Result<Response, ServerError> {
-        write(&self.raft, &self.pool, req).await
+        self.ctx.batcher.write(req).await
     }
 
     /// Follows the catalog's last applied index: a blocking query waits
@@ -651,6 +665,106 @@ impl Server {
     }
 }
 
+/// How many batches may be in Raft at once: while they are, new writes
+/// queue up and go together in the next one (group commit).
+const BATCHES_IN_FLIGHT: usize = 2;
+/// The most writes in one batch.
+const BATCH_MAX: usize = 256;
+
+type Pending = (
+    Request,
+    tokio::sync::oneshot::Sender<Result<Response, ServerError>>,
+);
+
+/// Gathers concurrent writes into one log entry ([`Command::Batch`]): one
+/// entry, one replication round and one fsync on each server for all of
+/// them, instead of one each. A write alone goes as it is.
+///
+/// [`Command::Batch`]: crate::catalog::Command::Batch
+#[derive(Clone)]
+struct Batcher {
+    tx: tokio::sync::mpsc::UnboundedSender<Pending>,
+}
+
+impl Batcher {
+    fn start(raft: Raft<TypeConfig>, pool: Arc<RpcPool>) -> Batcher {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Pending>();
+        let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                // Everything that queued while the slots were busy.
+                let mut batch = vec![first];
+                while batch.len() < BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(p) => batch.push(p),
+                        Err(_) => break,
+                    }
+                }
+                let (raft, pool) = (raft.clone(), pool.clone());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    commit_batch(&raft, &pool, batch).await;
+                });
+            }
+        });
+        Batcher { tx }
+    }
+
+    async fn write(&self, req: Request) -> Result<Response, ServerError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((req, tx))
+            .map_err(|_| ServerError::Raft("the server has stopped".into()))?;
+        rx.await
+            .map_err(|_| ServerError::Raft("the server has stopped".into()))?
+    }
+}
+
+async fn commit_batch(raft: &Raft<TypeConfig>, pool: &RpcPool, mut batch: Vec<Pending>) {
+    use crate::catalog::{Command, Outcome};
+    if batch.len() == 1 {
+        let (req, reply) = batch.pop().expect("one");
+        let _ = reply.send(write(raft, pool, req).await);
+        return;
+    }
+    // The latest clock reading of the batch (they are milliseconds apart).
+    let now = batch.iter().map(|(r, _)| r.now).max().unwrap_or_default();
+    let (reqs, replies): (Vec<Request>, Vec<_>) = batch.into_iter().unzip();
+    let cmds = reqs.into_iter().map(|r| r.cmd).collect();
+    let req = Request {
+        now,
+        cmd: Command::Batch(cmds),
+    };
+    match write(raft, pool, req).await {
+        Ok(Ok(Outcome::Batch(outcomes))) if outcomes.len() == replies.len() => {
+            for (o, reply) in outcomes.into_iter().zip(replies) {
+                let _ = reply.send(Ok(o));
+            }
+        }
+        Ok(other) => {
+            for reply in replies {
+                let _ = reply.send(Err(ServerError::Raft(format!(
+                    "unexpected batch answer {other:?}"
+                ))));
+            }
+        }
+        Err(e) => {
+            let no_leader = matches!(e, ServerError::NoLeader);
+            let e = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(if no_leader {
+                    ServerError::NoLeader
+                } else {
+                    ServerError::Raft(e.clone())
+                }));
+            }
+        }
+    }
+}
+
 /// Commits `req`, forwarding to the leader when told to, retrying while an
 /// election is under way (up to ~5 s).
 async fn write(
@@ -673,7 +787,7 @@ async fn write(
                     last = ServerError::NoLeader;
                     continue;
                 };
-                match pool.write(addr, &req).await {
+                match pool.send_write(addr, Rpc::Write(req.clone())).await {
                     Ok(r) => return Ok(r),
                     // The leader moved on meanwhile, or could not be
                     // reached: ask again. (A reply lost after the leader
@@ -710,6 +824,9 @@ async fn answer(ctx: &Ctx, rpc: Rpc) -> Reply {
             Ok(r) => Ok(r.data),
             Err(e) => Err(e.to_string()),
         }),
+        Rpc::WriteBatched(req) => {
+            Reply::Write(ctx.batcher.write(req).await.map_err(|e| e.to_string()))
+        }
         Rpc::Status => Reply::Status {
             initialized: raft.is_initialized().await.unwrap_or(true),
         },

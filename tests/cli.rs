@@ -591,3 +591,46 @@ fn observe_adds_a_tail_block_with_a_held_out_set() {
         "1.5",
     ]);
 }
+
+#[test]
+fn a_damaged_data_dir_stops_the_agent_with_a_clear_error() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let data = dir.path().join("data");
+    let port = common::free_tcp().to_string();
+    let serf = common::free_udp().to_string();
+    let rpc = common::free_tcp().to_string();
+    let args = |d: &str| {
+        vec![
+            "agent".to_string(),
+            "-server".into(),
+            "-bootstrap-expect".into(),
+            "1".into(),
+            "-bind".into(),
+            "127.0.0.1".into(),
+            "-http-port".into(),
+            port.clone(),
+            "-serf-lan-port".into(),
+            serf.clone(),
+            "-server-port".into(),
+            rpc.clone(),
+            "-data-dir".into(),
+            d.to_string(),
+        ]
+    };
+    // A Raft store that is not a database at all.
+    std::fs::create_dir_all(data.join("raft")).unwrap();
+    std::fs::write(data.join("raft/node-id"), "42\n").unwrap();
+    std::fs::write(data.join("raft/raft.redb"), b"not a database").unwrap();
+    let a = args(common::path_str(&data));
+    let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    let err = common::tomo_fails_cleanly(&a);
+    assert!(err.contains("raft.redb"), "{err}");
+    // A damaged node ID.
+    std::fs::remove_file(data.join("raft/raft.redb")).unwrap();
+    std::fs::write(data.join("raft/node-id"), "forty-two").unwrap();
+    let err = common::tomo_fails_cleanly(&a);
+    assert!(err.contains("node-id") && err.contains("damaged"), "{err}");
+    // -dev is one server: -bootstrap-expect 3 makes no sense with it.
+    let err = common::tomo_fails_cleanly(&["agent", "-dev", "-bootstrap-expect", "3"]);
+    assert!(err.contains("-bootstrap-expect"), "{err}");
+}

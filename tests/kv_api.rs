@@ -662,6 +662,12 @@ async fn agent_services_run_ttl_and_tcp_checks() {
     assert_eq!(nodes_of(&got, "/Node/Node"), ["m1"]);
     let (_, _, got) = call(a, "GET", "/v1/catalog/nodes?node-meta=rack:r3", b"").await;
     assert_eq!(json(&got), serde_json::json!([]));
+    // A lone agent has its own coordinate (it never publishes one: it has
+    // nobody to probe): `near=_agent` puts it first, and it is listed.
+    let (_, _, got) = call(a, "GET", "/v1/catalog/nodes?near=_agent", b"").await;
+    assert_eq!(nodes_of(&got, "/Node"), ["svc-node", "m1", "m2"]);
+    let (_, _, got) = call(a, "GET", "/v1/coordinate/nodes", b"").await;
+    assert_eq!(nodes_of(&got, "/Node"), ["svc-node"]);
     agent.shutdown().await;
 }
 

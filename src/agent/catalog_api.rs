@@ -176,11 +176,15 @@ impl CatalogApi {
             near
         };
         let g = self.agent.gossip.lock().expect("not poisoned");
-        let from = g.table_entry(source)?.coordinate.clone();
-        let all = g
+        let mut all: HashMap<String, Coordinate> = g
             .table()
             .map(|(n, e)| (n.to_string(), e.coordinate.clone()))
             .collect();
+        // This agent's own coordinate, even before it has published one
+        // (a lone agent never does).
+        all.entry(self.agent.node.clone())
+            .or_insert_with(|| g.engine().coordinate().clone());
+        let from = all.get(source)?.clone();
         Some((from, all))
     }
 
@@ -208,13 +212,22 @@ fn health_of(s: &str) -> Option<Health> {
     }
 }
 
+/// Commits a registration's commands as one log entry, so that no reader
+/// (a blocking query above all) sees a node without its service or a
+/// service without its checks, as Consul applies a registration whole.
 async fn commit(api: &CatalogApi, cmds: Vec<Command>) -> Response {
-    for cmd in cmds {
-        match api.server.write(request(cmd)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-            Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    use crate::catalog::Outcome;
+    let failed =
+        |e: &dyn std::fmt::Display| text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+    match api.server.write(request(Command::Batch(cmds))).await {
+        Ok(Ok(Outcome::Batch(outs))) => {
+            if let Some(Err(e)) = outs.iter().find(|o| o.is_err()) {
+                return failed(e);
+            }
         }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return failed(&e),
+        Err(e) => return failed(&e),
     }
     reply(&json!(true), api.server.applied())
 }

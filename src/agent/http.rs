@@ -174,6 +174,15 @@ fn coordinate_table(s: &Shared) -> Vec<CoordEntry> {
             coord: e.coordinate.clone(),
         })
         .collect();
+    // This agent's own coordinate, even before it has published one (a
+    // lone agent never does), as Consul's agents always report theirs.
+    if !v.iter().any(|e| e.node == s.node) {
+        v.push(CoordEntry {
+            node: s.node.clone(),
+            segment: String::new(),
+            coord: g.engine().coordinate().clone(),
+        });
+    }
     v.sort_by(|a, b| a.node.cmp(&b.node));
     v
 }

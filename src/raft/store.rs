@@ -120,14 +120,20 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
 /// An entry appended but maybe not on disk yet, postcard-encoded.
 type Row = (LogId<u64>, Arc<Vec<u8>>);
 
+/// A write run on the writer thread.
+type WriteFn = Box<dyn FnOnce(&Database) -> Result<(), redb::Error> + Send>;
+
 /// Work for the writer thread, done in order.
 enum Job {
     /// Entries to commit; `LogFlushed` tells openraft once they are on disk.
     Append(Vec<Row>, LogFlushed<TypeConfig>),
+    /// The committed log id (JSON): written with the next batch of
+    /// appends, or alone without fsync when there is none.
+    Committed(Vec<u8>),
     /// Any other write, run in a transaction of its own; the answer goes
     /// back if someone waits.
     Other(
-        Box<dyn FnOnce(&Database) -> Result<(), redb::Error> + Send>,
+        WriteFn,
         Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
     ),
 }
@@ -152,13 +158,19 @@ fn writer(
     jobs: mpsc::Receiver<Job>,
 ) {
     let closed = || redb::Error::Corrupted("the store is closed".into());
-    let flush = |appends: &mut Vec<(Vec<Row>, LogFlushed<TypeConfig>)>| {
-        if appends.is_empty() {
+    type Appends = Vec<(Vec<Row>, LogFlushed<TypeConfig>)>;
+    let flush = |appends: &mut Appends, committed: &mut Option<Vec<u8>>| {
+        if appends.is_empty() && committed.is_none() {
             return;
         }
-        let commit = || -> Result<(), redb::Error> {
+        let mut commit = || -> Result<(), redb::Error> {
             let db = db.upgrade().ok_or_else(closed)?;
-            let tx = db.begin_write()?;
+            let mut tx = db.begin_write()?;
+            if appends.is_empty() {
+                // Only the committed id: a hint, no fsync of its own.
+                tx.set_durability(redb::Durability::None)
+                    .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+            }
             {
                 let mut t = tx.open_table(LOG)?;
                 for (rows, _) in appends.iter() {
@@ -166,6 +178,9 @@ fn writer(
                         t.insert(id.index, bytes.as_slice())?;
                     }
                 }
+            }
+            if let Some(c) = committed.take() {
+                tx.open_table(META)?.insert(COMMITTED, c.as_slice())?;
             }
             tx.commit()?;
             Ok(())
@@ -192,14 +207,16 @@ fn writer(
         }
     };
     let mut appends = Vec::new();
+    let mut committed = None;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
         for job in batch {
             match job {
                 Job::Append(rows, cb) => appends.push((rows, cb)),
+                Job::Committed(c) => committed = Some(c),
                 Job::Other(f, reply) => {
-                    flush(&mut appends);
+                    flush(&mut appends, &mut committed);
                     let r = match db.upgrade() {
                         Some(db) => f(&db).map_err(|e| e.to_string()),
                         None => Err(closed().to_string()),
@@ -210,7 +227,7 @@ fn writer(
                 }
             }
         }
-        flush(&mut appends);
+        flush(&mut appends, &mut committed);
     }
 }
 
@@ -405,8 +422,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Only a hint for a faster restart (openraft re-derives what is
         // committed from a quorum): no fsync of its own, on disk with the
         // next log append.
-        self.put_meta_with(COMMITTED, &committed, redb::Durability::None)
-            .await
+        let bytes = serde_json::to_vec(&committed).map_err(write_err)?;
+        self.jobs
+            .send(Job::Committed(bytes))
+            .map_err(|_| write_err(std::io::Error::other("the log writer has stopped")))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, Sto> {
