@@ -431,6 +431,8 @@ struct Ctx {
     raft: Raft<TypeConfig>,
     /// Writes, batched (forwarded ones included).
     batcher: Batcher,
+    /// `?consistent` reads, sharing leadership checks.
+    barrier: ReadBarrier,
     /// Answers forwarded HTTP requests, once the agent has set it.
     http: OnceLock<HttpHandler>,
     /// Milliseconds since `started` when a leader last reached us.
@@ -490,6 +492,7 @@ impl Server {
         let pool = RpcPool::new();
         let batcher = Batcher::start(raft.clone(), pool.clone());
         let ctx = Arc::new(Ctx {
+            barrier: ReadBarrier::start(raft.clone()),
             batcher,
             raft: raft.clone(),
             http: OnceLock::new(),
@@ -645,10 +648,7 @@ impl Server {
         &self,
         f: impl FnOnce(&Catalog) -> T,
     ) -> Result<T, ServerError> {
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map_err(|e| ServerError::Raft(e.to_string()))?;
+        self.ctx.barrier.wait().await?;
         Ok(self.sm.read(f))
     }
 
@@ -662,6 +662,52 @@ impl Server {
     /// runtime).
     pub fn abort_rpc(&self) {
         self.listener.abort();
+    }
+}
+
+/// Shares one leadership check among the `?consistent` reads waiting for
+/// one: each read is answered after a check that began after it arrived
+/// (so it sees every write acknowledged before it), and concurrent reads
+/// cost one quorum round between them, not one each.
+#[derive(Clone)]
+struct ReadBarrier {
+    tx: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
+impl ReadBarrier {
+    fn start(raft: Raft<TypeConfig>) -> ReadBarrier {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<
+            tokio::sync::oneshot::Sender<Result<(), String>>,
+        >();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut waiting = vec![first];
+                while let Ok(w) = rx.try_recv() {
+                    waiting.push(w);
+                }
+                // Confirms leadership with a quorum, then waits until
+                // everything committed so far is applied.
+                let r = raft
+                    .ensure_linearizable()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                for w in waiting {
+                    let _ = w.send(r.clone());
+                }
+            }
+        });
+        ReadBarrier { tx }
+    }
+
+    async fn wait(&self) -> Result<(), ServerError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(tx)
+            .map_err(|_| ServerError::Raft("the server has stopped".into()))?;
+        rx.await
+            .map_err(|_| ServerError::Raft("the server has stopped".into()))?
+            .map_err(ServerError::Raft)
     }
 }
 
