@@ -4,7 +4,8 @@
 //! a leader SIGKILLed in the middle of a stream of acknowledged KV writes
 //! loses none of them, a server restarted from its data dir comes back with
 //! its state, a blocking query on a client returns after a change and not
-//! before, and a server that leaves is taken out of the group.
+//! before, a server that leaves is taken out of the group and a new one is
+//! added.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -348,4 +349,40 @@ fn three_servers_and_two_clients_keep_every_acknowledged_write() {
         c.put(4, "after/leave", "ok"),
         "writes go on with two servers"
     );
+
+    // A new server (an empty data dir) is added to the group: three voters
+    // again, and it holds everything.
+    c.kill(gone);
+    std::fs::remove_dir_all(c.dir.path().join(Cluster::name(gone))).unwrap();
+    c.spawn(gone);
+    wait_for("the new server is a voter", Duration::from_secs(60), || {
+        c.peers_seen_by(stay) == 3 && c.peers_seen_by(gone) == 3
+    });
+    wait_for("the new server has the data", Duration::from_secs(30), || {
+        c.get_raw(gone, "/v1/kv/after/leave?stale&raw").as_deref() == Some("ok")
+    });
+
+    // Catalog and health reads take ?stale too, answered by the server
+    // asked, with its view of the leader.
+    let a = http_full(
+        "GET",
+        c.http[gone],
+        "/v1/catalog/nodes?stale",
+        "",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("X-Consul-KnownLeader"), Some("true"));
+    let nodes: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(nodes.as_array().map(|n| n.len()), Some(NODES));
+    let a = http_full(
+        "GET",
+        c.http[3],
+        "/v1/health/service/nope?consistent",
+        "",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!((a.status, a.body.as_str()), (200, "[]"));
 }
