@@ -163,9 +163,11 @@ enum Command {
 pub struct Shared {
     /// The gossip core.
     pub gossip: Mutex<Gossip>,
-    /// Raises on every membership change or coordinate refresh; served as
-    /// `X-Consul-Index` (never 0).
+    /// Raises on every membership change and coordinate-table change;
+    /// served as `X-Consul-Index` (never 0) by the agent's own endpoints.
     pub index: AtomicU64,
+    /// Wakes blocking queries on those endpoints when `index` moves.
+    pub changed: tokio::sync::Notify,
     /// Node name.
     pub node: String,
     /// Datacenter.
@@ -183,6 +185,12 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Moves `index` and wakes the blocking queries waiting on it.
+    pub fn bump(&self) {
+        self.index.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
     /// Joins the cluster through `addr` (`PUT /v1/agent/join/:address`).
     pub async fn join(&self, addr: SocketAddr) -> Result<(), AgentError> {
         let (tx, rx) = oneshot::channel();
@@ -261,6 +269,7 @@ impl Agent {
             link: cfg.link.clone(),
             commands: tx,
             left: tokio::sync::Notify::new(),
+            changed: tokio::sync::Notify::new(),
         });
         let listener =
             tokio::net::TcpListener::bind(cfg.http)
@@ -646,6 +655,7 @@ async fn drive(
     let mut buf = vec![0u8; 65536];
     let seeds: Vec<SocketAddr> = cfg.join.iter().chain(&cfg.retry_join).copied().collect();
     let mut retry = tokio::time::interval(cfg.probe_interval * 5);
+    let mut table_version = 0;
     for s in &seeds {
         let outs = shared
             .gossip
@@ -662,9 +672,15 @@ async fn drive(
             r = sock.recv_from(&mut buf) => {
                                 let Ok((n, from)) = r else { continue };
                 let received = Instant::now();
-                let mut outs = shared.gossip.lock().expect("not poisoned").handle_datagram(since(), from, &buf[..n]);
-                // Coordinates refresh with every datagram: a new table index.
-                shared.index.fetch_add(1, Ordering::Relaxed);
+                let (mut outs, version) = {
+                    let mut g = shared.gossip.lock().expect("not poisoned");
+                    let outs = g.handle_datagram(since(), from, &buf[..n]);
+                    (outs, g.table_version())
+                };
+                if version != table_version {
+                    table_version = version;
+                    shared.bump();
+                }
                 // Replies carry how long we held the request, which the
                 // prober subtracts from its RTT sample.
                 let held = received.elapsed().as_micros().min(u32::MAX as u128) as u32;
@@ -680,6 +696,12 @@ async fn drive(
                 while let Some(t) = timers.pop_due(now) {
                     let outs = shared.gossip.lock().expect("not poisoned").handle_timer(since(), t);
                     apply(&sock, &shared, &cfg, &mut timers, outs);
+                }
+                // Our own publications happen on timers.
+                let version = shared.gossip.lock().expect("not poisoned").table_version();
+                if version != table_version {
+                    table_version = version;
+                    shared.bump();
                 }
             }
             _ = retry.tick() => {
@@ -749,6 +771,6 @@ fn apply(
         }
     }
     if changed {
-        shared.index.fetch_add(1, Ordering::Relaxed);
+        shared.bump();
     }
 }

@@ -505,6 +505,9 @@ struct Table {
     index: HashMap<Arc<str>, usize>,
     /// Next slot the anti-entropy sweep sends.
     cursor: usize,
+    /// Bumped by every insert and removal (what a blocking query on the
+    /// coordinate endpoints waits for).
+    version: u64,
 }
 
 impl Table {
@@ -514,6 +517,7 @@ impl Table {
 
     /// Inserts or replaces `name`'s entry; returns the shared name.
     fn insert(&mut self, name: &str, e: TableEntry) -> Arc<str> {
+        self.version += 1;
         if let Some(&i) = self.index.get(name) {
             self.slots[i].1 = e;
             return self.slots[i].0.clone();
@@ -528,6 +532,7 @@ impl Table {
         let Some(i) = self.index.remove(name) else {
             return;
         };
+        self.version += 1;
         self.slots.swap_remove(i);
         if let Some((moved, _)) = self.slots.get(i) {
             self.index.insert(moved.clone(), i);
@@ -825,6 +830,11 @@ impl Gossip {
     /// The coordinate engine.
     pub fn engine(&self) -> &Node<String> {
         &self.engine
+    }
+
+    /// A counter that moves whenever the coordinate table changes.
+    pub fn table_version(&self) -> u64 {
+        self.table.version
     }
 
     /// Every member's last known published coordinate (ours included),

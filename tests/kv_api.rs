@@ -666,8 +666,33 @@ async fn agent_services_run_ttl_and_tcp_checks() {
     // nobody to probe): `near=_agent` puts it first, and it is listed.
     let (_, _, got) = call(a, "GET", "/v1/catalog/nodes?near=_agent", b"").await;
     assert_eq!(nodes_of(&got, "/Node"), ["svc-node", "m1", "m2"]);
-    let (_, _, got) = call(a, "GET", "/v1/coordinate/nodes", b"").await;
+    let (_, index, got) = call(a, "GET", "/v1/coordinate/nodes", b"").await;
     assert_eq!(nodes_of(&got, "/Node"), ["svc-node"]);
+    // The coordinate endpoints block too: a lone agent's table does not
+    // change by itself, an update wakes the query.
+    let index = index.unwrap();
+    let t = Instant::now();
+    let (_, same, _) = call(
+        a,
+        "GET",
+        &format!("/v1/coordinate/nodes?index={index}&wait=1s"),
+        b"",
+    )
+    .await;
+    assert!(t.elapsed() >= Duration::from_millis(900), "returned early");
+    assert_eq!(same, Some(index));
+    let path = format!("/v1/coordinate/nodes?index={index}&wait=20s");
+    let waiter = tokio::spawn(async move { call(a, "GET", &path, b"").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiter.is_finished(), "returned before a change");
+    let update = br#"{"Node":"m1","Coord":{"Vec":[0.001,0,0,0,0,0,0,0],"Error":0.5,"Adjustment":0,"Height":0.0001}}"#;
+    let (st, _, got) = call(a, "PUT", "/v1/coordinate/update", update).await;
+    assert_eq!(st, 200, "{got}");
+    let t = Instant::now();
+    let (_, after, got) = waiter.await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(after.unwrap() > index);
+    assert_eq!(nodes_of(&got, "/Node"), ["m1", "svc-node"]);
     agent.shutdown().await;
 }
 

@@ -358,9 +358,11 @@ fn three_servers_and_two_clients_keep_every_acknowledged_write() {
     wait_for("the new server is a voter", Duration::from_secs(60), || {
         c.peers_seen_by(stay) == 3 && c.peers_seen_by(gone) == 3
     });
-    wait_for("the new server has the data", Duration::from_secs(30), || {
-        c.get_raw(gone, "/v1/kv/after/leave?stale&raw").as_deref() == Some("ok")
-    });
+    wait_for(
+        "the new server has the data",
+        Duration::from_secs(30),
+        || c.get_raw(gone, "/v1/kv/after/leave?stale&raw").as_deref() == Some("ok"),
+    );
 
     // Catalog and health reads take ?stale too, answered by the server
     // asked, with its view of the leader.

@@ -113,7 +113,38 @@ async fn agent_self(State(s): State<Arc<Shared>>, Query(p): Params) -> Response 
     json_reply(&s, &p, &v)
 }
 
+/// A blocking query on the agent's own index (`?index=&wait=`, wait at
+/// most 10 minutes, 5 by default): returns once the index has moved past
+/// the one asked for, or the wait is over.
+async fn block(s: &Shared, p: &HashMap<String, String>) -> Result<(), Response> {
+    let Some(index) = p.get("index") else {
+        return Ok(());
+    };
+    let index: u64 = index
+        .parse()
+        .map_err(|_| text(StatusCode::BAD_REQUEST, "Invalid index"))?;
+    let wait = match p.get("wait") {
+        Some(w) => super::kv::parse_go_duration(w)
+            .ok_or_else(|| text(StatusCode::BAD_REQUEST, "Invalid wait time"))?,
+        None => std::time::Duration::from_secs(300),
+    }
+    .min(std::time::Duration::from_secs(600));
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let changed = s.changed.notified();
+        if s.index.load(Ordering::Relaxed) > index {
+            return Ok(());
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
 async fn members(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {
+    if let Err(r) = block(&s, &p).await {
+        return r;
+    }
     let list: Vec<Value> = {
         let g = s.gossip.lock().expect("not poisoned");
         let mut v = vec![member(&s.node, s.gossip_addr, &s.datacenter, 1)];
@@ -188,6 +219,9 @@ fn coordinate_table(s: &Shared) -> Vec<CoordEntry> {
 }
 
 async fn coordinate_nodes(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {
+    if let Err(r) = block(&s, &p).await {
+        return r;
+    }
     let v = coordinate_table(&s);
     json_reply(&s, &p, &v)
 }
@@ -197,6 +231,9 @@ async fn coordinate_node(
     Path(node): Path<String>,
     Query(p): Params,
 ) -> Response {
+    if let Err(r) = block(&s, &p).await {
+        return r;
+    }
     let v: Vec<CoordEntry> = coordinate_table(&s)
         .into_iter()
         .filter(|e| e.node == node)
@@ -242,7 +279,8 @@ async fn coordinate_update(State(s): State<Arc<Shared>>, body: Bytes) -> Respons
     let now = s.started.elapsed();
     match g.insert_coordinate(u.node, u.coord, now) {
         Ok(()) => {
-            s.index.fetch_add(1, Ordering::Relaxed);
+            drop(g);
+            s.bump();
             StatusCode::OK.into_response()
         }
         Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "invalid coordinate"),
