@@ -7,7 +7,6 @@
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -16,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use super::Shared;
-use super::kv::parse_go_duration;
 use super::wire::{field, object, request, service_from, str_of, string_map, text};
 use crate::catalog::{Catalog, Check, Command, Health, Node, Service};
 use crate::server::Server;
@@ -60,33 +58,20 @@ fn meta_ok(p: &[(String, String)], meta: &std::collections::BTreeMap<String, Str
 }
 
 /// Blocks a read for `?index=N` until `index_of(catalog)` passes N or the
-/// wait (default 5 min, at most 10) runs out.
+/// wait runs out.
 async fn block(
     server: &Server,
     p: &[(String, String)],
     index_of: impl Fn(&Catalog) -> u64,
 ) -> Result<(), Response> {
-    let Some(index) = param(p, "index") else {
-        return Ok(());
-    };
-    let index: u64 = index
-        .parse()
-        .map_err(|_| text(StatusCode::BAD_REQUEST, "Invalid index"))?;
-    let wait = match param(p, "wait") {
-        Some(w) => parse_go_duration(w)
-            .ok_or_else(|| text(StatusCode::BAD_REQUEST, "Invalid wait time"))?,
-        None => Duration::from_secs(300),
-    }
-    .min(Duration::from_secs(600));
-    let deadline = Instant::now() + wait;
-    let mut rx = server.subscribe();
-    while server.read(&index_of) <= index {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
-            break;
+    match super::wire::blocking(param(p, "index"), param(p, "wait")) {
+        Err(e) => Err(text(StatusCode::BAD_REQUEST, e)),
+        Ok(None) => Ok(()),
+        Ok(Some((index, deadline))) => {
+            super::wire::wait_catalog(server, index, deadline, index_of).await;
+            Ok(())
         }
     }
-    Ok(())
 }
 
 fn node_json(n: &Node) -> Value {

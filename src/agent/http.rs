@@ -113,23 +113,15 @@ async fn agent_self(State(s): State<Arc<Shared>>, Query(p): Params) -> Response 
     json_reply(&s, &p, &v)
 }
 
-/// A blocking query on the agent's own index (`?index=&wait=`, wait at
-/// most 10 minutes, 5 by default): returns once the index has moved past
-/// the one asked for, or the wait is over.
+/// A blocking query on the agent's own index: returns once the index has
+/// moved past the one asked for, or the wait is over.
 async fn block(s: &Shared, p: &HashMap<String, String>) -> Result<(), Response> {
-    let Some(index) = p.get("index") else {
+    let q = |k: &str| p.get(k).map(|v| v.as_str());
+    let Some((index, deadline)) = super::wire::blocking(q("index"), q("wait"))
+        .map_err(|e| text(StatusCode::BAD_REQUEST, e))?
+    else {
         return Ok(());
     };
-    let index: u64 = index
-        .parse()
-        .map_err(|_| text(StatusCode::BAD_REQUEST, "Invalid index"))?;
-    let wait = match p.get("wait") {
-        Some(w) => super::kv::parse_go_duration(w)
-            .ok_or_else(|| text(StatusCode::BAD_REQUEST, "Invalid wait time"))?,
-        None => std::time::Duration::from_secs(300),
-    }
-    .min(std::time::Duration::from_secs(600));
-    let deadline = tokio::time::Instant::now() + wait;
     loop {
         let changed = s.changed.notified();
         if s.index.load(Ordering::Relaxed) > index {

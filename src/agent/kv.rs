@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -18,9 +18,6 @@ use super::wire::request;
 use crate::catalog::{Catalog, CatalogError, Command, KvEntry, KvSet, Outcome};
 use crate::server::Server;
 
-/// Consul's default and longest blocking waits.
-const DEFAULT_WAIT: Duration = Duration::from_secs(300);
-const MAX_WAIT: Duration = Duration::from_secs(600);
 
 /// Parses a Go duration (`time.ParseDuration`): a sequence of decimal
 /// numbers with units ns, us, µs, ms, s, m, h, e.g. `1h2m`, `1.5s`,
@@ -126,40 +123,17 @@ fn read_index(c: &Catalog, key: &str, single: bool) -> u64 {
     }
 }
 
-/// Waits, for `?index=N`, until the read's index passes N or the wait
-/// (default 5 min, at most 10, plus up to 1/16 of jitter) runs out.
+/// Blocks a read for `?index=N` until the key's (or prefix's) index passes
+/// N or the wait runs out.
 async fn block(
     server: &Server,
     p: &HashMap<String, String>,
     key: &str,
     single: bool,
 ) -> Result<(), String> {
-    let Some(index) = p.get("index") else {
-        return Ok(());
-    };
-    let index: u64 = index.parse().map_err(|_| "Invalid index".to_string())?;
-    let wait = match p.get("wait") {
-        Some(w) => parse_go_duration(w).ok_or_else(|| "Invalid wait time".to_string())?,
-        None => DEFAULT_WAIT,
-    }
-    .min(MAX_WAIT);
-    // Jitter ≤ wait/16 (clients time out at wait + wait/16 at the
-    // earliest); spread by the clock's nanoseconds.
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos();
-    let jitter = (wait / 16).mul_f64(f64::from(nanos % 1000) / 1000.0);
-    let deadline = Instant::now() + wait + jitter;
-    let mut rx = server.subscribe();
-    while server.read(|c| read_index(c, key, single)) <= index {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        if tokio::time::timeout(left, rx.changed()).await.is_err() {
-            break;
-        }
+    let q = |k: &str| p.get(k).map(|v| v.as_str());
+    if let Some((index, deadline)) = super::wire::blocking(q("index"), q("wait"))? {
+        super::wire::wait_catalog(server, index, deadline, |c| read_index(c, key, single)).await;
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Small pieces every Consul-shaped endpoint shares: plain-text error
 //! bodies, request JSON read with keys matched without regard to case
-//! (python-consul sends lowercase), and the leader-clock reading a write
-//! carries into the Raft log.
+//! (python-consul sends lowercase), the leader-clock reading a write
+//! carries into the Raft log, and blocking queries' `index` and `wait`.
 
 use std::time::{Duration, SystemTime};
 
@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 
-use crate::catalog::{Command, Service};
+use crate::catalog::{Catalog, Command, Service};
 use crate::raft::Request;
 
 /// A `text/plain` body with this status (Consul's error replies).
@@ -105,4 +105,53 @@ pub fn service_from(m: &Map<String, Value>, name_key: &str) -> Option<Service> {
         create_index: 0,
         modify_index: 0,
     })
+}
+
+/// A blocking query's default wait.
+const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+/// The longest wait (Consul's cap).
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// A blocking query's `index` and deadline from `?index=&wait=`: `wait`
+/// is a Go duration (5 minutes by default, at most 10), plus a jitter of
+/// up to wait/16 as Consul adds (clients time out at wait + wait/16 at the
+/// earliest). `None` without `index`.
+pub fn blocking(
+    index: Option<&str>,
+    wait: Option<&str>,
+) -> Result<Option<(u64, tokio::time::Instant)>, &'static str> {
+    let Some(index) = index else {
+        return Ok(None);
+    };
+    let index: u64 = index.parse().map_err(|_| "Invalid index")?;
+    let wait = match wait {
+        Some(w) => super::kv::parse_go_duration(w).ok_or("Invalid wait time")?,
+        None => DEFAULT_WAIT,
+    }
+    .min(MAX_WAIT);
+    // Spread by the clock's nanoseconds.
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    let jitter = (wait / 16).mul_f64(f64::from(nanos % 1000) / 1000.0);
+    Ok(Some((index, tokio::time::Instant::now() + wait + jitter)))
+}
+
+/// Waits until `index_of(catalog)` passes `index` or the deadline comes.
+pub async fn wait_catalog(
+    server: &crate::server::Server,
+    index: u64,
+    deadline: tokio::time::Instant,
+    index_of: impl Fn(&Catalog) -> u64,
+) {
+    let mut rx = server.subscribe();
+    while server.read(&index_of) <= index {
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
 }
