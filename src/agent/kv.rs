@@ -18,7 +18,6 @@ use super::wire::request;
 use crate::catalog::{Catalog, CatalogError, Command, KvEntry, KvSet, Outcome};
 use crate::server::Server;
 
-
 /// Parses a Go duration (`time.ParseDuration`): a sequence of decimal
 /// numbers with units ns, us, µs, ms, s, m, h, e.g. `1h2m`, `1.5s`,
 /// `120000ms`; `0` alone is zero. `None` if malformed.
