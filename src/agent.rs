@@ -423,6 +423,8 @@ async fn register_self(
             address: addr.ip().to_string(),
             datacenter,
             meta: Default::default(),
+            id: String::new(),
+            tagged_addresses: Default::default(),
         },
         Command::RegisterCheck {
             node,

@@ -95,6 +95,11 @@ pub struct Node {
     pub datacenter: String,
     /// Free-form metadata.
     pub meta: BTreeMap<String, String>,
+    /// Its node ID (a UUID, as the agent or the registration gave it; may
+    /// be empty).
+    pub id: String,
+    /// Addresses by kind (`lan`, `wan`, …) given at registration.
+    pub tagged_addresses: BTreeMap<String, String>,
     /// Raft index of its creation.
     pub create_index: u64,
     /// Raft index of its last change.
@@ -224,6 +229,10 @@ pub enum Command {
         datacenter: String,
         /// Metadata.
         meta: BTreeMap<String, String>,
+        /// Node ID ("" = none given).
+        id: String,
+        /// Tagged addresses.
+        tagged_addresses: BTreeMap<String, String>,
     },
     /// Deregister a node with its services and checks; its sessions are
     /// invalidated.
@@ -394,6 +403,8 @@ impl Catalog {
                 address,
                 datacenter,
                 meta,
+                id,
+                tagged_addresses,
             } => {
                 let create_index = self.nodes.get(&name).map_or(index, |n| n.create_index);
                 self.nodes.insert(
@@ -403,6 +414,8 @@ impl Catalog {
                         address,
                         datacenter,
                         meta,
+                        id,
+                        tagged_addresses,
                         create_index,
                         modify_index: index,
                     },
@@ -807,6 +820,8 @@ mod tests {
                 address: "10.0.0.1".into(),
                 datacenter: "dc1".into(),
                 meta: BTreeMap::new(),
+                id: String::new(),
+                tagged_addresses: BTreeMap::new(),
             });
             f.ok(Command::RegisterCheck {
                 node: "n1".into(),

@@ -636,7 +636,7 @@ async fn agent_services_run_ttl_and_tcp_checks() {
     // node-meta filters catalog and health reads by node metadata.
     for (node, rack) in [("m1", "r1"), ("m2", "r2")] {
         let body = format!(
-            r#"{{"Node":"{node}","Address":"10.0.0.1","NodeMeta":{{"rack":"{rack}"}},"Service":{{"Service":"db","Port":1}}}}"#
+            r#"{{"Node":"{node}","ID":"40e4a748-2192-161a-0510-9bf59fe950b5","Address":"10.0.0.1","TaggedAddresses":{{"wan":"198.18.0.1"}},"NodeMeta":{{"rack":"{rack}"}},"Service":{{"Service":"db","Port":1}}}}"#
         );
         let (st, _, got) = call(a, "PUT", "/v1/catalog/register", body.as_bytes()).await;
         assert_eq!(st, 200, "{got}");
@@ -654,6 +654,13 @@ async fn agent_services_run_ttl_and_tcp_checks() {
             })
             .collect()
     };
+    // The node's ID and tagged addresses are kept (lan defaults to the
+    // address).
+    let (_, _, got) = call(a, "GET", "/v1/catalog/node/m1", b"").await;
+    let n = &json(&got)["Node"];
+    assert_eq!(n["ID"], "40e4a748-2192-161a-0510-9bf59fe950b5", "{got}");
+    assert_eq!(n["TaggedAddresses"]["wan"], "198.18.0.1", "{got}");
+    assert_eq!(n["TaggedAddresses"]["lan"], "10.0.0.1", "{got}");
     let (_, _, got) = call(a, "GET", "/v1/catalog/nodes?node-meta=rack:r2", b"").await;
     assert_eq!(nodes_of(&got, "/Node"), ["m2"]);
     let (_, _, got) = call(a, "GET", "/v1/catalog/service/db?node-meta=rack:r1", b"").await;

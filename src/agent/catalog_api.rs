@@ -74,13 +74,23 @@ async fn block(
     }
 }
 
+/// A node's tagged addresses: the ones registered, and Consul's defaults
+/// (the node's address) for `lan`, `lan_ipv4`, `wan`, `wan_ipv4` not given.
+fn tagged(n: &Node) -> std::collections::BTreeMap<String, String> {
+    let mut t = n.tagged_addresses.clone();
+    for k in ["lan", "lan_ipv4", "wan", "wan_ipv4"] {
+        t.entry(k.to_string()).or_insert_with(|| n.address.clone());
+    }
+    t
+}
+
 fn node_json(n: &Node) -> Value {
     json!({
-        "ID": "",
+        "ID": n.id,
         "Node": n.name,
         "Address": n.address,
         "Datacenter": n.datacenter,
-        "TaggedAddresses": {"lan": n.address, "lan_ipv4": n.address, "wan": n.address, "wan_ipv4": n.address},
+        "TaggedAddresses": tagged(n),
         "Meta": n.meta,
         "CreateIndex": n.create_index,
         "ModifyIndex": n.modify_index,
@@ -104,11 +114,11 @@ fn node_service_json(s: &Service) -> Value {
 
 fn service_node_json(n: &Node, s: &Service) -> Value {
     json!({
-        "ID": "",
+        "ID": n.id,
         "Node": n.name,
         "Address": n.address,
         "Datacenter": n.datacenter,
-        "TaggedAddresses": {"lan": n.address, "wan": n.address},
+        "TaggedAddresses": tagged(n),
         "NodeMeta": n.meta,
         "ServiceKind": "",
         "ServiceID": s.id,
@@ -239,6 +249,8 @@ pub async fn register(State(api): State<Arc<CatalogApi>>, body: Bytes) -> Respon
         address,
         datacenter: dc,
         meta: string_map(&m, "NodeMeta"),
+        id: str_of(&m, "ID"),
+        tagged_addresses: string_map(&m, "TaggedAddresses"),
     }];
     if let Some(Value::Object(s)) = field(&m, "Service") {
         let Some(service) = service_from(s, "Service") else {
