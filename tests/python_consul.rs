@@ -58,6 +58,33 @@ assert v is None, v
 assert c.kv.delete('svc/', recurse=True) is True
 idx, gone = c.kv.get('svc/', recurse=True)
 assert gone is None
+
+# Agent services and checks, as Patroni registers itself.
+assert c.agent.service.register('web', service_id='web-1', port=8080, tags=['v1'],
+                                check=consul.Check.ttl('10s')) is True
+svcs = c.agent.services()
+assert svcs['web-1']['Port'] == 8080 and svcs['web-1']['Tags'] == ['v1'], svcs
+assert c.agent.checks()['service:web-1']['Status'] == 'critical'
+c.agent.check.ttl_pass('service:web-1', notes='ok')
+assert c.agent.checks()['service:web-1']['Status'] == 'passing'
+idx, healthy = c.health.service('web', passing=True, near='_agent')
+assert [h['Service']['ID'] for h in healthy] == ['web-1'], healthy
+
+# The catalog, with a node that has no coordinate: near puts it last.
+assert c.catalog.register('far', '10.9.9.9', service={'service': 'web', 'port': 80}) is True
+idx, inst = c.catalog.service('web', near='_agent')
+assert [i['Node'] for i in inst] == ['py', 'far'], inst
+# A source without a coordinate leaves the order as it is (by name).
+idx, nodes = c.catalog.nodes(near='far')
+assert [n['Node'] for n in nodes] == ['far', 'py'], nodes
+
+# Coordinates: this agent's own, and the servers' by datacenter.
+idx, coords = c.coordinate.nodes()
+assert [x['Node'] for x in coords] == ['py'] and len(coords[0]['Coord']['Vec']) == 8, coords
+dcs = c.coordinate.datacenters()
+assert dcs[0]['Datacenter'] == 'dc1' and [x['Node'] for x in dcs[0]['Coordinates']] == ['py'], dcs
+assert c.agent.service.deregister('web-1') is True
+assert 'web-1' not in c.agent.services()
 print('python-consul ok')
 "#;
 

@@ -27,6 +27,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agent/members", get(members))
         .route("/v1/agent/join/{address}", put(join))
         .route("/v1/agent/leave", put(leave))
+        .route("/v1/coordinate/datacenters", get(coordinate_datacenters))
         .route("/v1/coordinate/nodes", get(coordinate_nodes))
         .route("/v1/coordinate/node/{node}", get(coordinate_node))
         .route("/v1/coordinate/update", put(coordinate_update))
@@ -208,6 +209,31 @@ fn coordinate_table(s: &Shared) -> Vec<CoordEntry> {
     }
     v.sort_by(|a, b| a.node.cmp(&b.node));
     v
+}
+
+/// `GET /v1/coordinate/datacenters`: the servers' coordinates by
+/// datacenter. Until WAN federation there is one datacenter and one pool:
+/// the LAN coordinates of the servers gossip knows (this agent's own if it
+/// is one).
+async fn coordinate_datacenters(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {
+    let servers: std::collections::HashSet<String> = {
+        let g = s.gossip.lock().expect("not poisoned");
+        let mut v: std::collections::HashSet<String> = g
+            .membership_iter()
+            .filter(|(id, st)| id.server.is_some() && *st != foca::State::Down)
+            .map(|(id, _)| id.name.clone())
+            .collect();
+        if g.identity().server.is_some() {
+            v.insert(s.node.clone());
+        }
+        v
+    };
+    let coords: Vec<CoordEntry> = coordinate_table(&s)
+        .into_iter()
+        .filter(|e| servers.contains(&e.node))
+        .collect();
+    let v = json!([{"Datacenter": s.datacenter, "AreaID": "WAN", "Coordinates": coords}]);
+    json_reply(&s, &p, &v)
 }
 
 async fn coordinate_nodes(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {
