@@ -619,6 +619,13 @@ impl Server {
         (members, m.current_leader)
     }
 
+    /// The last log index covered by this server's latest snapshot, and
+    /// the last one purged from its log (compaction), if any.
+    pub fn snapshot_state(&self) -> (Option<u64>, Option<u64>) {
+        let m = self.raft.metrics().borrow().clone();
+        (m.snapshot.map(|l| l.index), m.purged.map(|l| l.index))
+    }
+
     /// The last log index applied to this server's catalog.
     pub fn applied(&self) -> u64 {
         self.sm.read(|c| c.last_applied())

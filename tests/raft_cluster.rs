@@ -168,3 +168,85 @@ async fn leader_loss_keeps_every_acknowledged_write_and_a_restart_keeps_its_stat
         s.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_compact_the_log_and_bring_a_new_server_up_to_date() {
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::TempDir::new().unwrap()).collect();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let cfg = |i: usize| {
+        let mut c = ServerConfig::new(i as u64 + 1, any, dirs[i].path().to_path_buf());
+        // Snapshot every 20 entries, keep 5 behind it.
+        c.snapshot_threshold = 20;
+        c.trailing_logs = 5;
+        c
+    };
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        servers.push(Server::start(cfg(i)).await.unwrap());
+    }
+    let members: BTreeMap<u64, SocketAddr> = servers.iter().map(|s| (s.id, s.rpc_addr)).collect();
+    servers[0].initialize(members).await.unwrap();
+    let s = &servers;
+    assert!(
+        eventually(Duration::from_secs(10), || async move {
+            s[0].leader().await.is_some()
+        })
+        .await
+    );
+    // One at a time: each write is its own log entry.
+    for k in 0..100 {
+        let r = servers[k % 3]
+            .write(put(&format!("k{k:03}")))
+            .await
+            .unwrap();
+        assert_eq!(r, Ok(Outcome::Bool(true)));
+    }
+    // Every server snapshotted and purged its log behind the snapshot.
+    assert!(
+        eventually(Duration::from_secs(10), || async move {
+            s.iter().all(|x| {
+                let (snap, purged) = x.snapshot_state();
+                snap.is_some_and(|i| i >= 80) && purged.is_some_and(|p| p >= 60)
+            })
+        })
+        .await,
+        "{:?}",
+        servers
+            .iter()
+            .map(|x| x.snapshot_state())
+            .collect::<Vec<_>>()
+    );
+    // A new server can no longer catch up from the log alone: it gets the
+    // leader's snapshot, then the rest.
+    let fresh = Server::start(cfg(3)).await.unwrap();
+    let leader_id = servers[0].leader().await.unwrap();
+    let leader = servers.iter().find(|x| x.id == leader_id).unwrap();
+    leader.add_voter(fresh.id, fresh.rpc_addr).await.unwrap();
+    let f = &fresh;
+    assert!(
+        eventually(Duration::from_secs(10), || async move {
+            f.read(|c| (0..100).all(|k| c.kv_get(&format!("k{k:03}")).is_some()))
+        })
+        .await,
+        "the new server did not get every key"
+    );
+    assert!(
+        fresh.snapshot_state().0.is_some(),
+        "installed from a snapshot"
+    );
+    assert_eq!(leader.configuration().0.len(), 4);
+    // It is a voter that counts: writes still commit with one old server
+    // stopped.
+    let other = servers.iter().find(|x| x.id != leader_id).unwrap();
+    other.stop().await;
+    assert_eq!(
+        leader.write(put("after")).await.unwrap(),
+        Ok(Outcome::Bool(true))
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async move {
+            f.read(|c| c.kv_get("after").is_some())
+        })
+        .await
+    );
+}

@@ -72,6 +72,14 @@ pub struct AgentArgs {
     /// Server RPC (Raft) TCP port [default: 8300; ephemeral with -dev].
     #[arg(long)]
     server_port: Option<u16>,
+    /// Log entries between snapshots; the log is compacted behind each
+    /// (Consul's `raft_snapshot_threshold`).
+    #[arg(long, default_value_t = 16384)]
+    raft_snapshot_threshold: u64,
+    /// Log entries kept behind a snapshot so that a slow follower catches
+    /// up from the log, not a whole snapshot (Consul's `raft_trailing_logs`).
+    #[arg(long, default_value_t = 10240)]
+    raft_trailing_logs: u64,
     /// Log level (trace, debug, info, warn, err).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -203,6 +211,21 @@ fn apply_config_file(a: &mut AgentArgs, path: &std::path::Path) -> Result<()> {
     if let Some(p) = v["ports"]["serf_lan"].as_u64() {
         a.serf_lan_port = p as u16;
     }
+    if let Some(p) = v["ports"]["server"].as_u64() {
+        a.server_port.get_or_insert(p as u16);
+    }
+    if v["server"].as_bool() == Some(true) {
+        a.server = true;
+    }
+    if let Some(n) = v["bootstrap_expect"].as_u64() {
+        a.bootstrap_expect.get_or_insert(n as u32);
+    }
+    if let Some(n) = v["raft_snapshot_threshold"].as_u64() {
+        a.raft_snapshot_threshold = n;
+    }
+    if let Some(n) = v["raft_trailing_logs"].as_u64() {
+        a.raft_trailing_logs = n;
+    }
     for (key, list) in [
         ("start_join", &mut a.join),
         ("retry_join", &mut a.retry_join),
@@ -326,11 +349,10 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
         } else {
             raft_id(&data)?
         };
-        Some(crate::server::ServerConfig::new(
-            id,
-            SocketAddr::new(bind_ip, port),
-            data,
-        ))
+        let mut sc = crate::server::ServerConfig::new(id, SocketAddr::new(bind_ip, port), data);
+        sc.snapshot_threshold = a.raft_snapshot_threshold.max(1);
+        sc.trailing_logs = a.raft_trailing_logs;
+        Some(sc)
     } else {
         None
     };
@@ -709,8 +731,13 @@ bind_addr  = "127.0.0.2"
 ports {
   http     = 18500
   serf_lan = 18301
+  server   = 18300
 }
 retry_join = ["127.0.0.1:8301", "127.0.0.3:8301"]
+server = true
+bootstrap_expect = 3
+raft_snapshot_threshold = 500
+raft_trailing_logs = 100
 "#,
         )
         .unwrap();
@@ -718,8 +745,10 @@ retry_join = ["127.0.0.1:8301", "127.0.0.3:8301"]
         std::fs::write(
             &json,
             r#"{"node_name":"web-1","datacenter":"east","bind_addr":"127.0.0.2","data_dir":"/var/lib/tomo",
-                "ports":{"http":18500,"serf_lan":18301},
-                "retry_join":["127.0.0.1:8301","127.0.0.3:8301"]}"#,
+                "ports":{"http":18500,"serf_lan":18301,"server":18300},
+                "retry_join":["127.0.0.1:8301","127.0.0.3:8301"],
+                "server":true,"bootstrap_expect":3,
+                "raft_snapshot_threshold":500,"raft_trailing_logs":100}"#,
         )
         .unwrap();
         for path in [&hcl, &json] {
@@ -734,6 +763,12 @@ retry_join = ["127.0.0.1:8301", "127.0.0.3:8301"]
             assert_eq!(a.bind, "127.0.0.2".parse::<IpAddr>().unwrap());
             assert_eq!((a.http_port, a.serf_lan_port), (18500, 18301));
             assert_eq!(a.retry_join, ["127.0.0.1:8301", "127.0.0.3:8301"]);
+            assert!(a.server);
+            assert_eq!((a.bootstrap_expect, a.server_port), (Some(3), Some(18300)));
+            assert_eq!(
+                (a.raft_snapshot_threshold, a.raft_trailing_logs),
+                (500, 100)
+            );
         }
         let bad = dir.path().join("bad.hcl");
         std::fs::write(&bad, "node_name = \"unterminated").unwrap();
