@@ -115,6 +115,11 @@ impl Cluster {
     }
 }
 
+/// A GET answered within 5 s.
+fn get(port: u16, path: &str) -> common::Answer {
+    http_full("GET", port, path, "", Duration::from_secs(5)).expect("an answer")
+}
+
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -177,41 +182,19 @@ fn three_servers_and_two_clients_keep_every_acknowledged_write() {
     // leader (LastContact 0).
     let leader = c.leader_seen_by(0).unwrap();
     let follower = (0..SERVERS).find(|i| *i != leader).unwrap();
-    let a = http_full(
-        "GET",
-        c.http[follower],
-        "/v1/kv/through/0?stale",
-        "",
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let a = get(c.http[follower], "/v1/kv/through/0?stale");
     assert_eq!(a.status, 200);
     assert_eq!(a.header("X-Consul-KnownLeader"), Some("true"));
     let contact: u64 = a.header("X-Consul-LastContact").unwrap().parse().unwrap();
     assert!(contact < 5000, "follower's last contact {contact} ms");
-    let a = http_full(
-        "GET",
-        c.http[3],
-        "/v1/kv/through/0?consistent",
-        "",
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let a = get(c.http[3], "/v1/kv/through/0?consistent");
     assert_eq!(a.status, 200);
     assert_eq!(a.header("X-Consul-LastContact"), Some("0"));
-    let a = http_full(
-        "GET",
-        c.http[3],
-        "/v1/kv/through/0?stale&consistent",
-        "",
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let a = get(c.http[3], "/v1/kv/through/0?stale&consistent");
     assert_eq!(a.status, 400);
 
     // A blocking query on a client returns after a change, not before.
-    let index: u64 = http_full("GET", c.http[4], "/v1/kv/block", "", Duration::from_secs(5))
-        .unwrap()
+    let index: u64 = get(c.http[4], "/v1/kv/block")
         .header("X-Consul-Index")
         .unwrap()
         .parse()
@@ -366,25 +349,11 @@ fn three_servers_and_two_clients_keep_every_acknowledged_write() {
 
     // Catalog and health reads take ?stale too, answered by the server
     // asked, with its view of the leader.
-    let a = http_full(
-        "GET",
-        c.http[gone],
-        "/v1/catalog/nodes?stale",
-        "",
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let a = get(c.http[gone], "/v1/catalog/nodes?stale");
     assert_eq!(a.status, 200);
     assert_eq!(a.header("X-Consul-KnownLeader"), Some("true"));
     let nodes: serde_json::Value = serde_json::from_str(&a.body).unwrap();
     assert_eq!(nodes.as_array().map(|n| n.len()), Some(NODES));
-    let a = http_full(
-        "GET",
-        c.http[3],
-        "/v1/health/service/nope?consistent",
-        "",
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let a = get(c.http[3], "/v1/health/service/nope?consistent");
     assert_eq!((a.status, a.body.as_str()), (200, "[]"));
 }
