@@ -1,5 +1,10 @@
 //! The agent process: the UDP gossip driver around [`crate::gossip`] and
-//! the HTTP API (coordinate and membership endpoints in Consul's shapes).
+//! the HTTP API in Consul's shapes: coordinate and membership endpoints
+//! ([`http`]), agent services and checks ([`services`]) on every agent;
+//! KV, sessions, catalog/health and status ([`kv`], [`session`],
+//! [`catalog_api`], [`status`]) on servers, reached from any agent through
+//! [`forward`]. A server agent also bootstraps and manages the Raft group
+//! (`autopilot`) and, while leader, times sessions and drives `serfHealth`.
 //!
 //! One tokio task owns the UDP socket and the timer queue and calls the
 //! sans-IO [`Gossip`] core with the real clock; the HTTP handlers read the

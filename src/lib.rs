@@ -24,10 +24,10 @@
 //! | module | owns |
 //! | --- | --- |
 //! | `plot` | PNG/SVG figures (plotters) from `tomo sim --out` directories and datasets |
-//! | `agent` | the agent process: the UDP gossip driver (tokio, socket2), user-space link emulation, the HTTP API (axum) in Consul's shapes; with a server, the KV, session, catalog/health (`?near=`) and agent service/check endpoints |
-//! | `raft` | openraft 0.9 for the servers: the type config, and the redb-backed log and state machine (the catalog) |
-//! | `server` | a registry server: a Raft member holding the catalog, peer RPC on TCP, writes forwarded to the leader, `?stale` and `?consistent` reads |
-//! | `cli` | the `tomo` command (clap): `sim`, `dataset`, `plot`, `agent`, `demo`, `members`, `rtt`, `info`; the binary's `main` only calls it |
+//! | `agent` | the agent process: the UDP gossip driver (tokio, socket2), user-space link emulation, the HTTP API (axum) in Consul's shapes; the KV, session, catalog/health (`?near=`) endpoints on servers, reached from any agent (`agent::forward`: client → server → leader); agent services and checks; bootstrap and membership of the server group (`-bootstrap-expect`) |
+//! | `raft` | openraft 0.9 for the servers: the type config, and the redb-backed log (one writer thread, group commit) and state machine (the catalog) |
+//! | `server` | a registry server: a Raft member holding the catalog, peer RPC on TCP, concurrent writes batched into one log entry and forwarded to the leader, `?stale` and `?consistent` reads (one leadership check shared by concurrent reads), adding and removing servers |
+//! | `cli` | the `tomo` command (clap): `sim`, `dataset`, `plot`, `agent`, `demo`, `members`, `rtt`, `info`, `bench kv` (tomo's registry against etcd); the binary's `main` only calls it |
 //!
 //! The shape the later modules (gossip, tomography, catalog, agent, server,
 //! proxy) grow into is `../shared/docs/architecture.md`.
