@@ -470,11 +470,17 @@ async fn leader_duties(
         tick.tick().await;
         let leader = server.is_leader();
         if !leader {
+            if was_leader {
+                sessions.forget();
+            }
             was_leader = false;
             continue;
         }
         if !was_leader {
-            sessions.adopt(Instant::now());
+            if sessions.adopt().await.is_err() {
+                // Not confirmed as leader yet: try again next tick.
+                continue;
+            }
             was_leader = true;
         }
         sessions.expire(Instant::now()).await;
@@ -541,7 +547,13 @@ async fn autopilot(shared: Arc<Shared>, server: Arc<crate::server::Server>, expe
             // Only a server in no group yet is added: one that belongs
             // to another group (two `-dev` agents joined over gossip)
             // would have its log overwritten by ours.
+            let learner = members.iter().any(|m| m.0 == o.1 && !m.2);
             if o.3 && !member && server.pool().initialized(o.2).await.ok() == Some(false) {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(30), server.add_voter(o.1, o.2)).await;
+            } else if o.3 && learner {
+                // An addition cut short (a timeout, a leader change) left
+                // it a learner: promote it.
                 let _ =
                     tokio::time::timeout(Duration::from_secs(30), server.add_voter(o.1, o.2)).await;
             } else if o.4 && member && o.1 != server.id {

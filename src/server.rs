@@ -40,7 +40,7 @@ use crate::raft::{Request, Response, TypeConfig};
 
 /// Largest RPC frame accepted, bytes (a snapshot chunk or a batch of
 /// entries with 512 KiB values, JSON-encoded).
-const MAX_FRAME: usize = 64 << 20;
+const MAX_FRAME: usize = 256 << 20;
 
 /// What can go wrong running a server.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +148,9 @@ pub struct HttpCall {
     pub headers: Vec<(String, Vec<u8>)>,
     /// The body.
     pub body: Vec<u8>,
+    /// Sent by a server to its leader: answer it there, whatever the role
+    /// (no further hop). Not a header, so no outside client can set it.
+    pub last_hop: bool,
 }
 
 /// The answer to an [`HttpCall`].
@@ -165,6 +168,19 @@ pub struct HttpAnswer {
 /// HTTP router.
 pub type HttpHandler =
     Arc<dyn Fn(HttpCall) -> Pin<Box<dyn Future<Output = HttpAnswer> + Send>> + Send + Sync>;
+
+/// Why a forwarded write did not succeed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// It was not applied (the connection was refused, or the server
+    /// answered with an error): safe to send again.
+    #[error("{0}")]
+    NotApplied(String),
+    /// The connection failed or timed out after the request went out: it
+    /// may have been applied, so it must not be sent again.
+    #[error("{0}")]
+    Unknown(String),
+}
 
 /// Frame kinds.
 const KIND_JSON: u8 = 0;
@@ -229,17 +245,33 @@ impl RpcPool {
         bytes: &[u8],
         ttl: Duration,
     ) -> std::io::Result<Vec<u8>> {
-        let pooled = self
-            .idle
-            .lock()
-            .expect("not poisoned")
-            .get_mut(&addr)
-            .and_then(|v| v.pop());
-        let fresh = pooled.is_none();
-        let attempt = |s: Option<TcpStream>| async move {
-            let mut s = match s {
+        // A pooled connection the server closed meanwhile reads as EOF
+        // now: drop it before anything is sent on it. (No call is ever
+        // resent: a request that may have reached a server may have been
+        // applied, and a write must not be applied twice.)
+        let pooled = loop {
+            let Some(s) = self
+                .idle
+                .lock()
+                .expect("not poisoned")
+                .get_mut(&addr)
+                .and_then(|v| v.pop())
+            else {
+                break None;
+            };
+            let mut probe = [0u8; 1];
+            match s.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Some(s),
+                // Closed, failed, or stray bytes: not reusable.
+                _ => continue,
+            }
+        };
+        let attempt = async move {
+            let mut s = match pooled {
                 Some(s) => s,
                 None => {
+                    // Refused here means the request went nowhere: the
+                    // one error a caller may retry elsewhere.
                     let s = TcpStream::connect(addr).await?;
                     s.set_nodelay(true)?;
                     s
@@ -252,19 +284,9 @@ impl RpcPool {
             }
             Ok::<_, std::io::Error>((s, reply))
         };
-        let r = match tokio::time::timeout(ttl, attempt(pooled)).await {
-            Ok(Err(_)) if !fresh => {
-                // A pooled connection the server closed meanwhile: once
-                // more on a new one (the request never reached it, or the
-                // server died with it; either way a retry is what a new
-                // connection would have done).
-                tokio::time::timeout(ttl, attempt(None))
-                    .await
-                    .unwrap_or_else(|_| Err(timed_out()))
-            }
-            Ok(r) => r,
-            Err(_) => Err(timed_out()),
-        };
+        let r = tokio::time::timeout(ttl, attempt)
+            .await
+            .unwrap_or_else(|_| Err(timed_out()));
         let (s, reply) = r?;
         self.idle
             .lock()
@@ -289,19 +311,26 @@ impl RpcPool {
 
     /// Has the server at `addr` commit `req` (it batches it with other
     /// writes and forwards to its leader).
-    pub async fn write(&self, addr: SocketAddr, req: &Request) -> Result<Response, String> {
+    pub async fn write(&self, addr: SocketAddr, req: &Request) -> Result<Response, WriteError> {
         self.send_write(addr, Rpc::WriteBatched(req.clone())).await
     }
 
-    async fn send_write(&self, addr: SocketAddr, rpc: Rpc) -> Result<Response, String> {
-        let bytes = to_json(&rpc).map_err(|e| e.to_string())?;
+    async fn send_write(&self, addr: SocketAddr, rpc: Rpc) -> Result<Response, WriteError> {
+        let bytes = to_json(&rpc).map_err(|e| WriteError::NotApplied(e.to_string()))?;
         let reply = self
             .call(addr, KIND_JSON, &bytes, Duration::from_secs(10))
             .await
-            .map_err(|e| e.to_string())?;
-        match from_json::<Reply>(&reply).map_err(|e| e.to_string())? {
-            Reply::Write(r) => r,
-            other => Err(format!("unexpected reply {other:?}")),
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    WriteError::NotApplied(e.to_string())
+                } else {
+                    WriteError::Unknown(e.to_string())
+                }
+            })?;
+        match from_json::<Reply>(&reply).map_err(|e| WriteError::Unknown(e.to_string()))? {
+            // The server answered: an error means it did not apply it.
+            Reply::Write(r) => r.map_err(WriteError::NotApplied),
+            other => Err(WriteError::Unknown(format!("unexpected reply {other:?}"))),
         }
     }
 
@@ -481,6 +510,7 @@ impl Server {
             election_timeout_min: cfg.election_timeout.0.as_millis() as u64,
             election_timeout_max: cfg.election_timeout.1.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_threshold.max(1)),
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
             max_in_snapshot_log_to_keep: cfg.trailing_logs,
             ..Default::default()
         }
@@ -723,6 +753,22 @@ impl ReadBarrier {
 const BATCHES_IN_FLIGHT: usize = 2;
 /// The most writes in one batch.
 const BATCH_MAX: usize = 256;
+/// A batch stops growing past this many bytes of keys and values (one
+/// more 512 KiB value may follow).
+const BATCH_BYTES: usize = 4 << 20;
+/// Log entries in one AppendEntries: with batches of ≤ 4.5 MiB, a frame
+/// stays under [`MAX_FRAME`] even JSON-encoded.
+const MAX_PAYLOAD_ENTRIES: u64 = 16;
+
+/// About how many bytes a command adds to a log entry.
+fn approx_size(cmd: &crate::catalog::Command) -> usize {
+    use crate::catalog::Command;
+    match cmd {
+        Command::KvSet(k) => k.key.len() + k.value.len() + 64,
+        Command::Batch(v) => v.iter().map(approx_size).sum(),
+        _ => 512,
+    }
+}
 
 type Pending = (
     Request,
@@ -748,11 +794,17 @@ impl Batcher {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     return;
                 };
-                // Everything that queued while the slots were busy.
+                // Everything that queued while the slots were busy, up to
+                // a size that keeps a log entry (and an AppendEntries of
+                // several) well inside a frame.
+                let mut bytes = approx_size(&first.0.cmd);
                 let mut batch = vec![first];
-                while batch.len() < BATCH_MAX {
+                while batch.len() < BATCH_MAX && bytes < BATCH_BYTES {
                     match rx.try_recv() {
-                        Ok(p) => batch.push(p),
+                        Ok(p) => {
+                            bytes += approx_size(&p.0.cmd);
+                            batch.push(p);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -843,14 +895,20 @@ async fn write(
                 match pool.send_write(addr, Rpc::Write(req.clone())).await {
                     Ok(r) => return Ok(r),
                     // The leader moved on meanwhile, or could not be
-                    // reached: ask again. (A reply lost after the leader
-                    // committed makes the retry apply the write twice, as
-                    // Consul's RPC forwarding would.)
-                    Err(reason) => {
+                    // reached: ask again.
+                    Err(WriteError::NotApplied(reason)) => {
                         last = ServerError::Forward {
                             addr: addr.to_string(),
                             reason,
                         }
+                    }
+                    // Lost after it went out: it may have been applied, so
+                    // it is not sent again (the caller hears it failed).
+                    Err(WriteError::Unknown(reason)) => {
+                        return Err(ServerError::Forward {
+                            addr: addr.to_string(),
+                            reason,
+                        });
                     }
                 }
             }

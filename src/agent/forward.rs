@@ -29,9 +29,10 @@ use super::wire::text;
 use crate::raft;
 use crate::server::{HttpAnswer, HttpCall, HttpHandler, RpcPool, Server};
 
-/// Marks a request a server forwarded to its leader: answer it here,
-/// whatever the role (no third hop, no loops).
-const FORWARDED: &str = "x-tomo-forwarded";
+/// Marks (as a request extension) a request a server forwarded to its
+/// leader: answer it here, whatever the role (no third hop, no loops).
+#[derive(Clone, Copy)]
+struct LastHop;
 /// The largest request body forwarded (a 512 KiB KV value, a transaction
 /// or a catalog registration fit easily).
 const MAX_BODY: usize = 4 << 20;
@@ -119,7 +120,10 @@ impl Forwarder {
                     *self.preferred.lock().expect("not poisoned") = Some(addr);
                     return Ok(r);
                 }
-                Err(e) => last = ForwardError::Rpc(e),
+                // Not applied: the next server may take it.
+                Err(crate::server::WriteError::NotApplied(e)) => last = ForwardError::Rpc(e),
+                // Perhaps applied: not sent again.
+                Err(crate::server::WriteError::Unknown(e)) => return Err(ForwardError::Rpc(e)),
             }
         }
         Err(last)
@@ -215,20 +219,18 @@ async fn call_of(node: &str, req: Request, last_hop: bool) -> Result<HttpCall, R
             body = serde_json::to_vec(&m).unwrap_or(body);
         }
     }
-    let mut headers: Vec<(String, Vec<u8>)> = parts
+    let headers: Vec<(String, Vec<u8>)> = parts
         .headers
         .iter()
         .filter(|(k, _)| *k != axum::http::header::CONTENT_LENGTH)
         .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
         .collect();
-    if last_hop {
-        headers.push((FORWARDED.into(), b"1".to_vec()));
-    }
     Ok(HttpCall {
         method: parts.method.as_str().to_string(),
         uri,
         headers,
         body,
+        last_hop,
     })
 }
 
@@ -258,6 +260,9 @@ pub fn handler(router: axum::Router) -> HttpHandler {
                 .uri(call.uri.as_str());
             for (k, v) in &call.headers {
                 b = b.header(k.as_str(), v.as_slice());
+            }
+            if call.last_hop {
+                b = b.extension(LastHop);
             }
             let Ok(req) = b.body(Body::from(call.body)) else {
                 return HttpAnswer {
@@ -344,7 +349,7 @@ pub async fn dispatch(State(f): State<Arc<Forwarder>>, req: Request, next: Next)
             "Cannot specify ?stale with ?consistent, conflicting semantics.",
         );
     }
-    let forwarded = req.headers().contains_key(FORWARDED);
+    let forwarded = req.extensions().get::<LastHop>().is_some();
     let is_read = req.method() == axum::http::Method::GET;
     // Status and operator reads are this server's view, as in Consul.
     let local_only =
@@ -385,8 +390,9 @@ pub async fn leave_group(server: &Server, id: u64) -> Result<(), ForwardError> {
     let call = HttpCall {
         method: "DELETE".into(),
         uri: format!("/v1/operator/raft/peer?id={id}"),
-        headers: vec![(FORWARDED.into(), b"1".to_vec())],
+        headers: Vec::new(),
         body: Vec::new(),
+        last_hop: true,
     };
     let a = server
         .pool()

@@ -49,18 +49,33 @@ impl Sessions {
         })
     }
 
-    /// Starts the TTL clock of every session in the catalog that has a
-    /// TTL and no deadline here (call it on becoming leader).
-    pub fn adopt(&self, now: Instant) {
-        let ttls: Vec<(String, Duration)> = self.server.read(|c| {
-            c.sessions()
-                .filter_map(|s| Some((s.id.clone(), s.ttl?)))
-                .collect()
-        });
+    /// Restarts the TTL clock of every session in the catalog that has a
+    /// TTL, as a new leader must (renewals went to the old one): after
+    /// everything committed is applied here, so that no session created
+    /// at the old leader's end is missed, each gets a full TTL × 2.
+    pub async fn adopt(&self) -> Result<(), crate::server::ServerError> {
+        let ttls: Vec<(String, Duration)> = self
+            .server
+            .read_consistent(|c| {
+                c.sessions()
+                    .filter_map(|s| Some((s.id.clone(), s.ttl?)))
+                    .collect()
+            })
+            .await?;
+        let now = Instant::now();
         let mut d = self.deadlines.lock().expect("not poisoned");
+        d.clear();
         for (id, ttl) in ttls {
-            d.entry(id).or_insert((ttl, now + ttl * 2));
+            d.insert(id, (ttl, now + ttl * 2));
         }
+        Ok(())
+    }
+
+    /// Forgets every deadline (on losing leadership: the next leader times
+    /// the sessions, and stale deadlines must not fire if this server
+    /// leads again).
+    pub fn forget(&self) {
+        self.deadlines.lock().expect("not poisoned").clear();
     }
 
     /// Destroys sessions whose TTL × 2 has passed; call it every second or

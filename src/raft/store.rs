@@ -3,11 +3,14 @@
 //! durability before openraft hears it is done (its durability contract:
 //! a vote or an appended entry must survive a crash once acknowledged).
 //!
-//! Log writes go through one writer thread in order (group commit): the
-//! appends queued while an fsync runs are committed together by the next
-//! one, and an fsync never blocks the async runtime. Entries appended but
-//! not yet on disk are readable from memory meanwhile, because openraft
-//! replicates an entry as soon as it is submitted.
+//! Log writes go through one writer thread in order, so an fsync never
+//! blocks the async runtime's threads; appends queued while one runs are
+//! committed together (group commit), and entries appended but not yet on
+//! disk are readable from memory meanwhile. openraft 0.9 waits for each
+//! append's flush before the next, so in practice one append is in the
+//! queue at a time: the grouping that matters is the server's batching of
+//! concurrent writes into one entry (`server`), and this layout is ready
+//! for a non-blocking append (openraft 0.10).
 //!
 //! The state machine ([`Catalog`]) lives in memory; its snapshots are
 //! persisted, and on start the machine reloads the last one and openraft
@@ -186,7 +189,10 @@ fn writer(
             Ok(())
         };
         let r = commit();
-        if r.is_ok() {
+        // Committed or not, these rows leave the overlay: on disk now, or
+        // failed (openraft stops on the error; nothing may read them as
+        // if they were stored).
+        {
             let mut p = pending.lock().expect("not poisoned");
             for (rows, _) in appends.iter() {
                 for (id, bytes) in rows {
@@ -358,11 +364,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, Sto> {
-        let tx = self.db.begin_read().map_err(read_err)?;
-        let t = tx.open_table(LOG).map_err(read_err)?;
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
-        // Pending entries first (a snapshot of them taken before the disk
-        // read: one the writer commits meanwhile is then found on disk).
+        // Pending entries first, then the disk: one the writer commits in
+        // between is then on disk (copying them after the disk read could
+        // miss it in both).
         let pending: Vec<(u64, Arc<Vec<u8>>)> = self
             .pending
             .lock()
@@ -370,6 +375,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .range(bounds)
             .map(|(k, (_, b))| (*k, b.clone()))
             .collect();
+        let tx = self.db.begin_read().map_err(read_err)?;
+        let t = tx.open_table(LOG).map_err(read_err)?;
         let mut rows: BTreeMap<u64, Entry<TypeConfig>> = BTreeMap::new();
         for row in t.range::<u64>(bounds).map_err(read_err)? {
             let (k, v) = row.map_err(read_err)?;
