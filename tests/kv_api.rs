@@ -669,6 +669,16 @@ async fn agent_services_run_ttl_and_tcp_checks() {
     assert_eq!(nodes_of(&got, "/Node/Node"), ["m1"]);
     let (_, _, got) = call(a, "GET", "/v1/catalog/nodes?node-meta=rack:r3", b"").await;
     assert_eq!(json(&got), serde_json::json!([]));
+    // Another datacenter: no path to it (not this one's data); its own
+    // name is fine.
+    let (st, _, got) = call(a, "GET", "/v1/catalog/nodes?dc=dc9", b"").await;
+    assert_eq!((st, got.as_str()), (500, "No path to datacenter"));
+    let (st, _, _) = call(a, "PUT", "/v1/kv/x?dc=dc9", b"v").await;
+    assert_eq!(st, 500);
+    let (st, _, _) = call(a, "GET", "/v1/kv/x", b"").await;
+    assert_eq!(st, 404, "the PUT wrote nothing");
+    let (st, _, _) = call(a, "GET", "/v1/catalog/nodes?dc=dc1", b"").await;
+    assert_eq!(st, 200);
     // A lone agent has its own coordinate (it never publishes one: it has
     // nobody to probe): `near=_agent` puts it first, and it is listed.
     let (_, _, got) = call(a, "GET", "/v1/catalog/nodes?near=_agent", b"").await;

@@ -38,6 +38,16 @@ struct LastHop;
 const MAX_BODY: usize = 4 << 20;
 /// Consul's text when no leader is known.
 pub const NO_LEADER: &str = "No cluster leader";
+/// Consul's text for a `?dc=` it cannot reach.
+pub const NO_PATH: &str = "No path to datacenter";
+
+/// `?dc=` naming another datacenter: until federation, there is no path
+/// to it (rather than answering with this datacenter's data).
+fn other_dc(uri: &axum::http::Uri, mine: &str) -> bool {
+    query_params(uri)
+        .get("dc")
+        .is_some_and(|dc| !dc.is_empty() && dc != mine)
+}
 
 /// What can go wrong reaching a server.
 #[derive(Debug, thiserror::Error)]
@@ -296,6 +306,9 @@ pub fn handler(router: axum::Router) -> HttpHandler {
 /// Client agents: every registry request goes to a server, the last one
 /// that answered first, the next on a refused connection.
 pub async fn forward_all(State(f): State<Arc<Forwarder>>, req: Request) -> Response {
+    if other_dc(req.uri(), &f.shared.datacenter) {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, NO_PATH);
+    }
     let call = match call_of(&f.node, req, false).await {
         Ok(c) => c,
         Err(r) => return r,
@@ -339,6 +352,9 @@ pub async fn dispatch(State(f): State<Arc<Forwarder>>, req: Request, next: Next)
     };
     if !is_registry(&path) {
         return next.run(req).await;
+    }
+    if other_dc(req.uri(), &f.shared.datacenter) {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, NO_PATH);
     }
     let p = query_params(req.uri());
     let stale = p.contains_key("stale");
