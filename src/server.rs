@@ -611,7 +611,9 @@ impl Server {
     /// The current leader's ID and RPC address, from the latest metrics
     /// (no waiting).
     pub fn leader_addr(&self) -> Option<(u64, SocketAddr)> {
-        let m = self.raft.metrics().borrow().clone();
+        // Borrowed, not cloned: every registry request asks.
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         let id = m.current_leader?;
         let addr = m.membership_config.nodes().find(|(n, _)| **n == id)?.1;
         Some((id, addr.addr.parse().ok()?))

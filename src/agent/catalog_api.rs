@@ -198,6 +198,22 @@ impl CatalogApi {
     }
 }
 
+impl CatalogApi {
+    /// Answers `(node, entry)` pairs as a JSON array, sorted by `?near=`.
+    fn near_reply(
+        &self,
+        p: &[(String, String)],
+        mut list: Vec<(String, Value)>,
+        index: u64,
+    ) -> Response {
+        self.sort_near(p, &mut list, |(n, _)| n);
+        reply(
+            &Value::Array(list.into_iter().map(|(_, v)| v).collect()),
+            index,
+        )
+    }
+}
+
 fn health_of(s: &str) -> Option<Health> {
     match s {
         "passing" | "" => Some(Health::Passing),
@@ -435,7 +451,7 @@ pub async fn health_service(
     }
     let passing = has(&p, "passing")
         && param(&p, "passing").is_none_or(|v| !matches!(v, "0" | "false" | "False"));
-    let (mut list, index) = api.server.read(|c| {
+    let (list, index) = api.server.read(|c| {
         let list: Vec<(String, Value)> = instances(c, &name, &p)
             .into_iter()
             .filter(|(n, s)| !passing || c.instance_health(&n.name, &s.id) == Health::Passing)
@@ -455,11 +471,7 @@ pub async fn health_service(
             .collect();
         (list, health_index(c))
     });
-    api.sort_near(&p, &mut list, |(n, _)| n);
-    reply(
-        &Value::Array(list.into_iter().map(|(_, v)| v).collect()),
-        index,
-    )
+    api.near_reply(&p, list, index)
 }
 
 /// `GET /v1/health/node/:node`.
@@ -490,7 +502,7 @@ pub async fn health_checks(
     if let Err(r) = block(&api.server, &p, health_index).await {
         return r;
     }
-    let (mut list, index) = api.server.read(|c| {
+    let (list, index) = api.server.read(|c| {
         let mut list = Vec::new();
         for (n, s) in c
             .service_instances(&name)
@@ -502,11 +514,7 @@ pub async fn health_checks(
         }
         (list, health_index(c))
     });
-    api.sort_near(&p, &mut list, |(n, _)| n);
-    reply(
-        &Value::Array(list.into_iter().map(|(_, v)| v).collect()),
-        index,
-    )
+    api.near_reply(&p, list, index)
 }
 
 /// `GET /v1/health/state/:state` (`any`, `passing`, `warning`, `critical`).
@@ -525,7 +533,7 @@ pub async fn health_state(
     if let Err(r) = block(&api.server, &p, |c| c.indexes().checks).await {
         return r;
     }
-    let (mut list, index) = api.server.read(|c| {
+    let (list, index) = api.server.read(|c| {
         let mut list = Vec::new();
         for n in c.nodes().filter(|n| meta_ok(&p, &n.meta)) {
             for k in c.node_checks(&n.name) {
@@ -536,11 +544,7 @@ pub async fn health_state(
         }
         (list, c.indexes().checks)
     });
-    api.sort_near(&p, &mut list, |(n, _)| n);
-    reply(
-        &Value::Array(list.into_iter().map(|(_, v)| v).collect()),
-        index,
-    )
+    api.near_reply(&p, list, index)
 }
 
 /// The catalog and health routes.

@@ -150,13 +150,8 @@ pub async fn get(
     if single && key.is_empty() {
         return text(StatusCode::BAD_REQUEST, "Missing key name", 1);
     }
-    if p.contains_key("stale") && p.contains_key("consistent") {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "Cannot specify ?stale with ?consistent, conflicting semantics.",
-            1,
-        );
-    }
+    // ?stale with ?consistent is refused before it gets here
+    // (`forward::dispatch`).
     if let Err(e) = block(&server, &p, &key, single).await {
         return text(StatusCode::BAD_REQUEST, &e, 1);
     }
