@@ -43,10 +43,8 @@ pub const NO_PATH: &str = "No path to datacenter";
 
 /// `?dc=` naming another datacenter: until federation, there is no path
 /// to it (rather than answering with this datacenter's data).
-fn other_dc(uri: &axum::http::Uri, mine: &str) -> bool {
-    query_params(uri)
-        .get("dc")
-        .is_some_and(|dc| !dc.is_empty() && dc != mine)
+fn other_dc(p: &HashMap<String, String>, mine: &str) -> bool {
+    p.get("dc").is_some_and(|dc| !dc.is_empty() && dc != mine)
 }
 
 /// What can go wrong reaching a server.
@@ -65,8 +63,8 @@ pub enum ForwardError {
 
 /// Where this agent's registry requests go.
 pub struct Forwarder {
-    /// This agent's node name (`near=_agent`, a session's default node).
-    node: String,
+    /// The agent: its node name (`near=_agent`, a session's default
+    /// node), datacenter and the gossip view of the servers.
     shared: Arc<Shared>,
     /// The server this agent runs, if it is one.
     server: Option<Arc<Server>>,
@@ -83,7 +81,6 @@ impl Forwarder {
             .map(|s| s.pool().clone())
             .unwrap_or_default();
         Arc::new(Forwarder {
-            node: shared.node.clone(),
             shared,
             server,
             pool,
@@ -306,10 +303,10 @@ pub fn handler(router: axum::Router) -> HttpHandler {
 /// Client agents: every registry request goes to a server, the last one
 /// that answered first, the next on a refused connection.
 pub async fn forward_all(State(f): State<Arc<Forwarder>>, req: Request) -> Response {
-    if other_dc(req.uri(), &f.shared.datacenter) {
+    if other_dc(&query_params(req.uri()), &f.shared.datacenter) {
         return text(StatusCode::INTERNAL_SERVER_ERROR, NO_PATH);
     }
-    let call = match call_of(&f.node, req, false).await {
+    let call = match call_of(&f.shared.node, req, false).await {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -353,10 +350,10 @@ pub async fn dispatch(State(f): State<Arc<Forwarder>>, req: Request, next: Next)
     if !is_registry(&path) {
         return next.run(req).await;
     }
-    if other_dc(req.uri(), &f.shared.datacenter) {
+    let p = query_params(req.uri());
+    if other_dc(&p, &f.shared.datacenter) {
         return text(StatusCode::INTERNAL_SERVER_ERROR, NO_PATH);
     }
-    let p = query_params(req.uri());
     let stale = p.contains_key("stale");
     let consistent = p.contains_key("consistent");
     if stale && consistent {
@@ -375,7 +372,7 @@ pub async fn dispatch(State(f): State<Arc<Forwarder>>, req: Request, next: Next)
         let Some((_, leader)) = server.leader_addr() else {
             return text(StatusCode::INTERNAL_SERVER_ERROR, NO_LEADER);
         };
-        let call = match call_of(&f.node, req, true).await {
+        let call = match call_of(&f.shared.node, req, true).await {
             Ok(c) => c,
             Err(r) => return r,
         };
