@@ -5,6 +5,8 @@
 //! [`catalog_api`], [`status`]) on servers, reached from any agent through
 //! [`forward`]. A server agent also bootstraps and manages the Raft group
 //! (`autopilot`) and, while leader, times sessions and drives `serfHealth`.
+//! Every agent may also serve Consul's DNS names ([`dns`]), answered
+//! through its own HTTP API.
 //!
 //! One tokio task owns the UDP socket and the timer queue and calls the
 //! sans-IO [`Gossip`] core with the real clock; the HTTP handlers read the
@@ -13,10 +15,14 @@
 //! topology on loopback.
 
 pub mod catalog_api;
+pub mod dns;
+pub mod federation;
 pub mod forward;
 pub mod http;
 pub mod kv;
 pub mod link;
+pub mod query_api;
+pub mod rtt;
 pub mod services;
 pub mod session;
 pub mod status;
@@ -58,6 +64,12 @@ pub enum AgentError {
     /// The embedded server did not start.
     #[error(transparent)]
     Server(#[from] crate::server::ServerError),
+    /// WAN operations on an agent that is not a server.
+    #[error("this agent is in no WAN pool: only servers are")]
+    NoWan,
+    /// The DNS interface did not start.
+    #[error(transparent)]
+    Dns(#[from] dns::DnsError),
 }
 
 /// How to run an agent (Consul's flag names in parentheses).
@@ -102,6 +114,42 @@ pub struct AgentConfig {
     /// The shortest `DeregisterCriticalServiceAfter` honoured (Consul: 1
     /// minute; tests lower it).
     pub deregister_critical_min: Duration,
+    /// The WAN gossip pool a server joins (`-serf-wan-port`, `-join-wan`);
+    /// `None` on client agents.
+    pub wan: Option<WanConfig>,
+    /// The DNS interface (`-dns-port`, 8600); `None`: off.
+    pub dns: Option<dns::DnsConfig>,
+}
+
+/// A server's WAN gossip pool: the servers of every datacenter, named
+/// `<node>.<datacenter>` as in Consul, probing each other at WAN timings.
+/// Their coordinates are the WAN coordinates (never mixed with LAN ones)
+/// that order datacenters by distance.
+#[derive(Debug, Clone)]
+pub struct WanConfig {
+    /// WAN gossip UDP address (`-bind` and `-serf-wan-port`, 8302).
+    pub bind: SocketAddr,
+    /// Address announced to the other datacenters (`-advertise-wan`).
+    pub advertise: Option<SocketAddr>,
+    /// Seeds joined at start (`-join-wan`).
+    pub join: Vec<SocketAddr>,
+    /// Seeds retried until one answers (`-retry-join-wan`).
+    pub retry_join: Vec<SocketAddr>,
+    /// How often a WAN member is probed (Consul's WAN pool: 5 s).
+    pub probe_interval: Duration,
+}
+
+impl WanConfig {
+    /// Consul's WAN defaults on `bind`.
+    pub fn new(bind: SocketAddr) -> Self {
+        WanConfig {
+            bind,
+            advertise: None,
+            join: Vec::new(),
+            retry_join: Vec::new(),
+            probe_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 impl AgentConfig {
@@ -125,17 +173,20 @@ impl AgentConfig {
             bootstrap_expect: 0,
             session_ttl_min: session::DEFAULT_TTL_MIN,
             deregister_critical_min: services::DEREGISTER_CRITICAL_MIN,
+            wan: None,
+            dns: None,
         }
     }
 
-    /// The gossip core's configuration for this agent.
-    fn gossip_config(&self) -> GossipConfig {
+    /// The gossip core's configuration for a pool probing every
+    /// `probe_interval` (the LAN's, or the WAN's).
+    fn gossip_config(&self, probe_interval: Duration) -> GossipConfig {
         let mut g = GossipConfig::lan(self.cluster_size);
         // foca's LAN defaults assume a 1 s probe period; scale them all.
-        let k = self.probe_interval.as_secs_f64();
+        let k = probe_interval.as_secs_f64();
         let scale = |d: Duration| Duration::from_secs_f64(d.as_secs_f64() * k);
-        g.foca.probe_period = self.probe_interval;
-        g.foca.probe_rtt = self.probe_interval / 2;
+        g.foca.probe_period = probe_interval;
+        g.foca.probe_rtt = probe_interval / 2;
         g.foca.suspect_to_down_after = scale(g.foca.suspect_to_down_after);
         g.foca.remove_down_after = g.foca.remove_down_after.map(scale);
         for p in [
@@ -150,6 +201,7 @@ impl AgentConfig {
         }
         // Versions of our coordinate publications continue from the wall
         // clock, so a restarted agent's are newer than its last life's.
+        g.tomography = Some(crate::tomography::TomographyConfig::default());
         g.epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -157,11 +209,36 @@ impl AgentConfig {
     }
 }
 
-/// Requests from the HTTP side (or the embedding program) to the driver.
+/// Requests from the HTTP side (or the embedding program) to a driver.
 #[derive(Debug)]
 enum Command {
     Join(SocketAddr, oneshot::Sender<()>),
     Leave(oneshot::Sender<()>),
+}
+
+/// Which gossip pool: every agent is in its datacenter's LAN pool;
+/// servers are also in the WAN pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// The datacenter's pool.
+    Lan,
+    /// The servers of every datacenter.
+    Wan,
+}
+
+/// A server's WAN pool as the HTTP side sees it.
+pub struct Wan {
+    /// The WAN gossip core (members named `<node>.<datacenter>`).
+    pub gossip: Mutex<Gossip>,
+    /// The WAN gossip address the other datacenters use.
+    pub addr: SocketAddr,
+    commands: mpsc::Sender<Command>,
+}
+
+/// Splits a WAN member name `<node>.<datacenter>` (datacenter names
+/// hold no dot).
+pub fn split_wan_name(name: &str) -> Option<(&str, &str)> {
+    name.rsplit_once('.')
 }
 
 /// State shared between the driver and the HTTP handlers.
@@ -186,6 +263,8 @@ pub struct Shared {
     /// Raised once the agent has left (`PUT /v1/agent/leave`): Consul's
     /// agent then shuts down, and `tomo agent` does too.
     pub left: tokio::sync::Notify,
+    /// The WAN pool, on servers.
+    pub wan: Option<Wan>,
     commands: mpsc::Sender<Command>,
 }
 
@@ -196,24 +275,44 @@ impl Shared {
         self.changed.notify_waiters();
     }
 
-    /// Joins the cluster through `addr` (`PUT /v1/agent/join/:address`).
-    pub async fn join(&self, addr: SocketAddr) -> Result<(), AgentError> {
+    /// The gossip core of `pool` (`None`: the WAN pool of a client).
+    pub fn pool(&self, pool: Pool) -> Option<&Mutex<Gossip>> {
+        match pool {
+            Pool::Lan => Some(&self.gossip),
+            Pool::Wan => self.wan.as_ref().map(|w| &w.gossip),
+        }
+    }
+
+    async fn command(
+        &self,
+        pool: Pool,
+        c: impl FnOnce(oneshot::Sender<()>) -> Command,
+    ) -> Result<(), AgentError> {
+        let commands = match pool {
+            Pool::Lan => &self.commands,
+            Pool::Wan => &self.wan.as_ref().ok_or(AgentError::NoWan)?.commands,
+        };
         let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Join(addr, tx))
+        commands
+            .send(c(tx))
             .await
             .map_err(|_| AgentError::Stopped)?;
         rx.await.map_err(|_| AgentError::Stopped)
     }
 
-    /// Leaves the cluster gracefully (`PUT /v1/agent/leave`).
+    /// Joins `pool` through `addr` (`PUT /v1/agent/join/:address`, with
+    /// `?wan` the WAN pool).
+    pub async fn join(&self, pool: Pool, addr: SocketAddr) -> Result<(), AgentError> {
+        self.command(pool, |tx| Command::Join(addr, tx)).await
+    }
+
+    /// Leaves the cluster gracefully (`PUT /v1/agent/leave`): the WAN pool
+    /// first (a server), then the LAN pool.
     pub async fn leave(&self) -> Result<(), AgentError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Leave(tx))
-            .await
-            .map_err(|_| AgentError::Stopped)?;
-        rx.await.map_err(|_| AgentError::Stopped)?;
+        if self.wan.is_some() {
+            self.command(Pool::Wan, Command::Leave).await?;
+        }
+        self.command(Pool::Lan, Command::Leave).await?;
         // A permit is stored if nobody waits yet.
         self.left.notify_one();
         Ok(())
@@ -226,6 +325,10 @@ pub struct Agent {
     pub http_addr: SocketAddr,
     /// Where gossip listens.
     pub gossip_addr: SocketAddr,
+    /// Where the DNS interface listens (UDP and TCP), if it runs.
+    pub dns_addr: Option<SocketAddr>,
+    /// The DNS interface; it stops with the agent.
+    dns: Option<dns::DnsServer>,
     /// State shared with the HTTP API.
     pub shared: Arc<Shared>,
     driver: tokio::task::JoinHandle<()>,
@@ -253,17 +356,47 @@ impl Agent {
             Some(sc) => Some(Arc::new(crate::server::Server::start(sc).await?)),
             None => None,
         };
+        let tag = registry.as_ref().map(|r| ServerTag {
+            raft_id: r.id,
+            rpc_port: r.rpc_addr.port(),
+        });
         let id = Id {
             name: cfg.node.clone(),
             addr: gossip_addr,
             bump: 0,
-            server: registry.as_ref().map(|r| ServerTag {
-                raft_id: r.id,
-                rpc_port: r.rpc_addr.port(),
-            }),
+            server: tag,
         };
-        let gossip = Gossip::new(id, cfg.gossip_config(), cfg.seed)?;
+        let gossip = Gossip::new(id, cfg.gossip_config(cfg.probe_interval), cfg.seed)?;
         let (tx, rx) = mpsc::channel(16);
+        // Servers also join the WAN pool, under `<node>.<datacenter>`.
+        let mut wan_driver = None;
+        let wan = match (&cfg.wan, tag) {
+            (Some(w), Some(_)) => {
+                let sock = bind_udp(w.bind)?;
+                let local = sock.local_addr().map_err(|e| AgentError::Bind {
+                    what: "WAN gossip",
+                    addr: w.bind,
+                    source: e,
+                })?;
+                let addr = w.advertise.unwrap_or(local);
+                let id = Id {
+                    name: format!("{}.{}", cfg.node, cfg.datacenter),
+                    addr,
+                    bump: 0,
+                    server: tag,
+                };
+                let gossip =
+                    Gossip::new(id, cfg.gossip_config(w.probe_interval), cfg.seed ^ 0x57a4)?;
+                let (tx, rx) = mpsc::channel(16);
+                wan_driver = Some((sock, rx));
+                Some(Wan {
+                    gossip: Mutex::new(gossip),
+                    addr,
+                    commands: tx,
+                })
+            }
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             gossip: Mutex::new(gossip),
             index: AtomicU64::new(1),
@@ -275,6 +408,7 @@ impl Agent {
             commands: tx,
             left: tokio::sync::Notify::new(),
             changed: tokio::sync::Notify::new(),
+            wan,
         });
         let listener =
             tokio::net::TcpListener::bind(cfg.http)
@@ -289,6 +423,11 @@ impl Agent {
             addr: cfg.http,
             source: e,
         })?;
+        // Bound now, before any task starts, so a taken port fails cleanly.
+        let dns_bound = match &cfg.dns {
+            Some(d) => Some((dns::bind(d.bind).await?, d.clone())),
+            None => None,
+        };
         let fwd = forward::Forwarder::new(shared.clone(), registry.clone());
         let local = services::AgentServices::new(
             fwd.clone(),
@@ -296,7 +435,9 @@ impl Agent {
             cfg.datacenter.clone(),
             cfg.deregister_critical_min,
         );
-        let mut app = http::router(shared.clone()).merge(services::router(local.clone()));
+        let mut app = http::router(shared.clone())
+            .merge(services::router(local.clone()))
+            .merge(rtt::router(fwd.clone()));
         let mut tasks = Vec::new();
         if let Some(server) = registry.clone() {
             if cfg.bootstrap && !server.is_initialized().await {
@@ -310,9 +451,19 @@ impl Agent {
             let sessions =
                 session::Sessions::new(server.clone(), cfg.node.clone(), cfg.session_ttl_min);
             app = app.merge(session::router(sessions.clone()));
+            app = app.merge(federation::router(shared.clone()));
+            app = app.merge(query_api::router(
+                server.clone(),
+                shared.clone(),
+                fwd.clone(),
+            ));
             app = app.layer(axum::middleware::from_fn_with_state(
                 fwd.clone(),
                 forward::dispatch,
+            ));
+            app = app.layer(axum::middleware::from_fn_with_state(
+                fwd.clone(),
+                federation::route_dc,
             ));
             // Requests other agents forward run through the same routes.
             server.set_http_handler(forward::handler(app.clone()));
@@ -329,9 +480,14 @@ impl Agent {
         } else {
             // A client agent: every registry request goes to a server.
             let f = fwd.clone();
-            app = app.fallback(move |req: axum::extract::Request| {
-                forward::forward_all(axum::extract::State(f.clone()), req)
-            });
+            app = app
+                .fallback(move |req: axum::extract::Request| {
+                    forward::forward_all(axum::extract::State(f.clone()), req)
+                })
+                .layer(axum::middleware::from_fn_with_state(
+                    fwd.clone(),
+                    federation::route_dc,
+                ));
         }
         tasks.push(tokio::spawn(register_self(
             fwd.clone(),
@@ -340,6 +496,10 @@ impl Agent {
             cfg.datacenter.clone(),
             gossip_addr,
         )));
+        // DNS answers through the finished router: forwarding, `?dc=` and
+        // prepared queries as over HTTP.
+        let dns = dns_bound.map(|(b, d)| b.serve(d, shared.clone(), app.clone()));
+        let dns_addr = dns.as_ref().map(dns::DnsServer::addr);
         let server = tokio::spawn(async move {
             use axum::serve::ListenerExt;
             // Small answers go out at once (no Nagle delay behind the
@@ -349,10 +509,32 @@ impl Agent {
             });
             let _ = axum::serve(listener, app).await;
         });
-        let driver = tokio::spawn(drive(Arc::new(sock), shared.clone(), cfg, rx));
+        if let (Some((sock, rx)), Some(w)) = (wan_driver, &cfg.wan) {
+            let pool = Driven {
+                pool: Pool::Wan,
+                seeds: w.join.iter().chain(&w.retry_join).copied().collect(),
+                probe_interval: w.probe_interval,
+                link: cfg.link.clone(),
+            };
+            tasks.push(tokio::spawn(drive(
+                Arc::new(sock),
+                shared.clone(),
+                pool,
+                rx,
+            )));
+        }
+        let pool = Driven {
+            pool: Pool::Lan,
+            seeds: cfg.join.iter().chain(&cfg.retry_join).copied().collect(),
+            probe_interval: cfg.probe_interval,
+            link: cfg.link.clone(),
+        };
+        let driver = tokio::spawn(drive(Arc::new(sock), shared.clone(), pool, rx));
         Ok(Agent {
             http_addr,
             gossip_addr,
+            dns_addr,
+            dns,
             shared,
             driver,
             server,
@@ -362,7 +544,10 @@ impl Agent {
     }
 
     /// Leaves the cluster and stops.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        if let Some(d) = self.dns.take() {
+            d.shutdown().await;
+        }
         self.step_down().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.leave()).await;
         // Let the leave datagrams go out before the socket closes.
@@ -613,7 +798,7 @@ async fn sync_serf_health(shared: &Shared, server: &crate::server::Server) {
     }
 }
 
-/// A UDP socket with large buffers and address reuse (socket2).
+/// A UDP socket with large buffers (socket2).
 fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, AgentError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |e| AgentError::Bind {
@@ -623,7 +808,9 @@ fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, AgentError> {
     };
     let s =
         Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
-    s.set_reuse_address(true).map_err(err)?;
+    // No SO_REUSEADDR: on UDP it lets two sockets share a port, and the
+    // kernel may then hand an ephemeral port (bind to port 0) that another
+    // such socket holds, so one pool's datagrams reach another's socket.
     // Bursts of gossip must not be lost to a small default buffer.
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
@@ -661,27 +848,34 @@ impl Timers {
     }
 }
 
-/// The gossip driver: socket, timers, commands.
+/// What one gossip driver drives.
+struct Driven {
+    pool: Pool,
+    seeds: Vec<SocketAddr>,
+    probe_interval: Duration,
+    link: Option<Arc<LinkEmulator>>,
+}
+
+/// The gossip driver of one pool: socket, timers, commands.
 async fn drive(
     sock: Arc<UdpSocket>,
     shared: Arc<Shared>,
-    cfg: AgentConfig,
+    cfg: Driven,
     mut commands: mpsc::Receiver<Command>,
 ) {
+    let Some(gossip) = shared.pool(cfg.pool) else {
+        return;
+    };
     let started = shared.started;
     let since = move || started.elapsed();
     let mut timers = Timers::default();
     let mut buf = vec![0u8; 65536];
-    let seeds: Vec<SocketAddr> = cfg.join.iter().chain(&cfg.retry_join).copied().collect();
+    let seeds = &cfg.seeds;
     let mut retry = tokio::time::interval(cfg.probe_interval * 5);
     let mut table_version = 0;
-    for s in &seeds {
-        let outs = shared
-            .gossip
-            .lock()
-            .expect("not poisoned")
-            .announce(since(), *s);
-        apply(&sock, &shared, &cfg, &mut timers, outs);
+    for s in seeds {
+        let outs = gossip.lock().expect("not poisoned").announce(since(), *s);
+        apply(&sock, &shared, cfg.link.as_ref(), &mut timers, outs);
     }
     loop {
         let next = timers
@@ -692,7 +886,7 @@ async fn drive(
                                 let Ok((n, from)) = r else { continue };
                 let received = Instant::now();
                 let (mut outs, version) = {
-                    let mut g = shared.gossip.lock().expect("not poisoned");
+                    let mut g = gossip.lock().expect("not poisoned");
                     let outs = g.handle_datagram(since(), from, &buf[..n]);
                     (outs, g.table_version())
                 };
@@ -708,16 +902,16 @@ async fn drive(
                         crate::gossip::set_hold(bytes, held);
                     }
                 }
-                apply(&sock, &shared, &cfg, &mut timers, outs);
+                apply(&sock, &shared, cfg.link.as_ref(), &mut timers, outs);
             }
             _ = tokio::time::sleep_until(next.into()) => {
                 let now = Instant::now();
                 while let Some(t) = timers.pop_due(now) {
-                    let outs = shared.gossip.lock().expect("not poisoned").handle_timer(since(), t);
-                    apply(&sock, &shared, &cfg, &mut timers, outs);
+                    let outs = gossip.lock().expect("not poisoned").handle_timer(since(), t);
+                    apply(&sock, &shared, cfg.link.as_ref(), &mut timers, outs);
                 }
                 // Our own publications happen on timers.
-                let version = shared.gossip.lock().expect("not poisoned").table_version();
+                let version = gossip.lock().expect("not poisoned").table_version();
                 if version != table_version {
                     table_version = version;
                     shared.bump();
@@ -726,23 +920,23 @@ async fn drive(
             _ = retry.tick() => {
                                 // Keep knocking on the seeds while we know nobody: a seed
                 // that was not up yet (or a healed partition) still joins.
-                let alone = shared.gossip.lock().expect("not poisoned").members().next().is_none();
+                let alone = gossip.lock().expect("not poisoned").members().next().is_none();
                 if alone {
-                    for s in &seeds {
-                        let outs = shared.gossip.lock().expect("not poisoned").announce(since(), *s);
-                        apply(&sock, &shared, &cfg, &mut timers, outs);
+                    for s in seeds {
+                        let outs = gossip.lock().expect("not poisoned").announce(since(), *s);
+                        apply(&sock, &shared, cfg.link.as_ref(), &mut timers, outs);
                     }
                 }
             }
             c = commands.recv() => match c {
                 Some(Command::Join(addr, done)) => {
-                    let outs = shared.gossip.lock().expect("not poisoned").announce(since(), addr);
-                    apply(&sock, &shared, &cfg, &mut timers, outs);
+                    let outs = gossip.lock().expect("not poisoned").announce(since(), addr);
+                    apply(&sock, &shared, cfg.link.as_ref(), &mut timers, outs);
                     let _ = done.send(());
                 }
                 Some(Command::Leave(done)) => {
-                    let outs = shared.gossip.lock().expect("not poisoned").leave(since());
-                    apply(&sock, &shared, &cfg, &mut timers, outs);
+                    let outs = gossip.lock().expect("not poisoned").leave(since());
+                    apply(&sock, &shared, cfg.link.as_ref(), &mut timers, outs);
                     let _ = done.send(());
                 }
                 None => return,
@@ -756,7 +950,7 @@ async fn drive(
 fn apply(
     sock: &Arc<UdpSocket>,
     shared: &Shared,
-    cfg: &AgentConfig,
+    link: Option<&Arc<LinkEmulator>>,
     timers: &mut Timers,
     outs: Vec<Output>,
 ) {
@@ -764,7 +958,7 @@ fn apply(
     for o in outs {
         match o {
             Output::Send { to, bytes } => {
-                let delay = match &cfg.link {
+                let delay = match link {
                     Some(l) => l.delay_to(to),
                     None => Some(Duration::ZERO),
                 };

@@ -5,12 +5,16 @@
 //! state. Consul's semantics (`../shared/docs/consul-api.md` §3–4): KV
 //! `cas`, `acquire`/`release` locks with lock-delay, sessions invalidated
 //! by destroy, TTL expiry, a critical check or their node's deregistration,
-//! `release` or `delete` behaviour.
+//! `release` or `delete` behaviour. Prepared queries (§5) with unique names
+//! and at most one catch-all template, deleted with their session; their
+//! parsing, templates and filters are [`crate::query`]'s.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::query::{self, PreparedQuery, QueryError};
 
 /// Largest KV value, bytes (Consul's 512 KiB).
 pub const MAX_VALUE: usize = 512 * 1024;
@@ -59,6 +63,25 @@ pub enum CatalogError {
         /// The index given.
         got: u64,
     },
+    /// A prepared query that fails [`PreparedQuery::validate`] (the HTTP
+    /// layer validates first; this guards the table's invariants).
+    #[error("Invalid prepared query: {0}")]
+    InvalidQuery(QueryError),
+    /// A prepared query's name (without regard to case) is another's.
+    #[error("name '{0}' aliases an existing query name")]
+    QueryNameTaken(String),
+    /// A second catch-all template (`Name: ""`).
+    #[error("a query template with an empty name already exists")]
+    CatchAllTaken,
+    /// A create with an ID already in use (the caller draws another).
+    #[error("prepared query ID '{0}' already exists")]
+    QueryIdTaken(String),
+    /// An update or delete of a prepared query that does not exist.
+    #[error("Cannot modify non-existent prepared query: '{0}'")]
+    QueryNotFound(String),
+    /// A prepared query ID that is not a UUID.
+    #[error("Bad prepared query ID '{0}': not a UUID")]
+    BadQueryId(String),
 }
 
 /// A health status, worst last.
@@ -302,6 +325,17 @@ pub enum Command {
     /// arrived together (one log entry, one fsync), or a registration that
     /// must be seen whole (node, service and checks together).
     Batch(Vec<Command>),
+    /// Create a prepared query under its `id` (a UUID the caller drew;
+    /// indexes are set by the catalog). Its name must be free, its session
+    /// (if any) must exist.
+    QueryCreate(PreparedQuery),
+    /// Replace a prepared query whole (same `id`); its create index stays.
+    QueryUpdate(PreparedQuery),
+    /// Delete a prepared query.
+    QueryDelete {
+        /// Its ID.
+        id: String,
+    },
 }
 
 /// What applying a command answers.
@@ -315,6 +349,8 @@ pub enum Outcome {
     Session(String),
     /// Each command's answer, for a [`Command::Batch`].
     Batch(Vec<Result<Outcome, CatalogError>>),
+    /// The ID of the prepared query created or updated.
+    Query(String),
 }
 
 /// The last Raft index that changed each table (what a blocking query on
@@ -331,6 +367,8 @@ pub struct TableIndexes {
     pub kv: u64,
     /// Sessions.
     pub sessions: u64,
+    /// Prepared queries (deletes included, and those of ended sessions).
+    pub queries: u64,
 }
 
 /// The registry's whole state (what a Raft snapshot holds).
@@ -347,6 +385,8 @@ pub struct Catalog {
     sessions: BTreeMap<String, Session>,
     index: TableIndexes,
     last_applied: u64,
+    /// Prepared queries by ID.
+    queries: BTreeMap<String, PreparedQuery>,
 }
 
 impl Catalog {
@@ -524,7 +564,57 @@ impl Catalog {
                 self.invalidate(index, now, &id);
                 Ok(Outcome::Bool(true))
             }
+            Command::QueryCreate(q) => {
+                if self.queries.contains_key(&q.id) {
+                    return Err(CatalogError::QueryIdTaken(q.id));
+                }
+                self.query_set(index, q)
+            }
+            Command::QueryUpdate(q) => {
+                if !self.queries.contains_key(&q.id) {
+                    return Err(CatalogError::QueryNotFound(q.id));
+                }
+                self.query_set(index, q)
+            }
+            Command::QueryDelete { id } => {
+                if self.queries.remove(&id).is_none() {
+                    return Err(CatalogError::QueryNotFound(id));
+                }
+                self.index.queries = index;
+                Ok(Outcome::Done)
+            }
         }
+    }
+
+    /// Stores `q` (new, or replacing the query with its ID) after the
+    /// checks that need the whole table: Consul's state-store rules.
+    fn query_set(&mut self, index: u64, mut q: PreparedQuery) -> Result<Outcome, CatalogError> {
+        if q.id.is_empty() {
+            return Err(CatalogError::InvalidQuery(QueryError::MissingId));
+        }
+        if !query::is_uuid(&q.id) {
+            return Err(CatalogError::BadQueryId(q.id));
+        }
+        q.validate().map_err(CatalogError::InvalidQuery)?;
+        let others = || self.queries.values().filter(|o| o.id != q.id);
+        if !q.name.is_empty() {
+            // One name index for queries and templates alike, without
+            // regard to case (DNS names have none).
+            if others().any(|o| o.name.eq_ignore_ascii_case(&q.name)) {
+                return Err(CatalogError::QueryNameTaken(q.name));
+            }
+        } else if q.is_template() && others().any(|o| o.is_template() && o.name.is_empty()) {
+            return Err(CatalogError::CatchAllTaken);
+        }
+        if !q.session.is_empty() && !self.sessions.contains_key(&q.session) {
+            return Err(CatalogError::InvalidSession(q.session));
+        }
+        q.create_index = self.queries.get(&q.id).map_or(index, |o| o.create_index);
+        q.modify_index = index;
+        let id = q.id.clone();
+        self.queries.insert(id.clone(), q);
+        self.index.queries = index;
+        Ok(Outcome::Query(id))
     }
 
     fn kv_set(&mut self, index: u64, now: Duration, set: KvSet) -> Result<Outcome, CatalogError> {
@@ -690,6 +780,13 @@ impl Catalog {
         }
         // Forget windows that have passed (bounded by the keys ever locked).
         self.lock_delays.retain(|_, until| now < *until);
+        // Queries bound to the session go with it (Consul's rule: an
+        // anonymous query lives exactly as long as its session).
+        let before = self.queries.len();
+        self.queries.retain(|_, q| q.session != id);
+        if self.queries.len() != before {
+            self.index.queries = index;
+        }
     }
 
     /// A registered node.
@@ -793,6 +890,28 @@ impl Catalog {
     /// Every session, by ID.
     pub fn sessions(&self) -> impl Iterator<Item = &Session> {
         self.sessions.values()
+    }
+
+    /// A prepared query by ID (as stored: templates unrendered).
+    pub fn query(&self, id: &str) -> Option<&PreparedQuery> {
+        self.queries.get(id)
+    }
+
+    /// Every prepared query, by ID.
+    pub fn queries(&self) -> impl Iterator<Item = &PreparedQuery> {
+        self.queries.values()
+    }
+
+    /// The prepared query that answers `id_or_name` for an agent in
+    /// network segment `segment`, templates rendered ([`query::resolve`]:
+    /// ID, then exact name, then longest-prefix template). `Ok(None)`:
+    /// Consul's 404 `Query not found`.
+    pub fn resolve_query(
+        &self,
+        id_or_name: &str,
+        segment: &str,
+    ) -> Result<Option<PreparedQuery>, QueryError> {
+        query::resolve(self.queries.values(), id_or_name, segment)
     }
 }
 
@@ -1193,11 +1312,239 @@ mod tests {
         assert!(f.c.node_checks("n1").all(|c| c.service_id != "web-2"));
     }
 
+    /// A prepared query `name` for service `service`, under the ID drawn
+    /// from `seed`.
+    /// (Built directly: some tests want definitions that fail validation.)
+    fn pq(seed: u8, name: &str, service: &str) -> PreparedQuery {
+        PreparedQuery {
+            id: query::uuid_v4([seed; 16]),
+            name: name.into(),
+            service: query::ServiceQuery {
+                service: service.into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn catch_all(seed: u8) -> PreparedQuery {
+        let mut q = PreparedQuery::from_json(&serde_json::json!({
+            "Template": {"Type": "name_prefix_match"},
+            "Service": {"Service": "${name.full}"},
+        }))
+        .unwrap();
+        q.id = query::uuid_v4([seed; 16]);
+        q
+    }
+
+    #[test]
+    fn prepared_queries_are_created_replaced_and_deleted() {
+        let mut f = Fixture::new();
+        let q = pq(1, "geo-db", "db");
+        let id = q.id.clone();
+        assert_eq!(f.ok(Command::QueryCreate(q)), Outcome::Query(id.clone()));
+        let created = f.c.query(&id).unwrap().clone();
+        assert_eq!(created.create_index, created.modify_index);
+        assert_eq!(f.c.indexes().queries, created.create_index);
+        // An update replaces the whole definition and keeps CreateIndex.
+        let mut changed = pq(1, "geo-db", "db2");
+        changed.service.only_passing = true;
+        f.ok(Command::QueryUpdate(changed));
+        let now = f.c.query(&id).unwrap();
+        assert_eq!(now.service.service, "db2");
+        assert!(now.service.only_passing);
+        assert_eq!(now.create_index, created.create_index);
+        assert!(now.modify_index > created.modify_index);
+        assert_eq!(f.c.indexes().queries, now.modify_index);
+        // Renaming to its own name in another case is not a clash.
+        f.ok(Command::QueryUpdate(pq(1, "GEO-DB", "db2")));
+        assert_eq!(f.c.queries().count(), 1);
+        // Readers: by ID, by name, rendered.
+        assert_eq!(
+            f.c.resolve_query("geo-db", "")
+                .unwrap()
+                .unwrap()
+                .service
+                .service,
+            "db2"
+        );
+        assert_eq!(f.c.resolve_query("other", "").unwrap(), None);
+        // Delete, then the ID is unknown to update and delete alike.
+        let before = f.c.indexes().queries;
+        assert_eq!(f.ok(Command::QueryDelete { id: id.clone() }), Outcome::Done);
+        assert!(f.c.query(&id).is_none());
+        assert!(f.c.indexes().queries > before);
+        assert_eq!(
+            f.at(T0, Command::QueryDelete { id: id.clone() }),
+            Err(CatalogError::QueryNotFound(id.clone()))
+        );
+        assert_eq!(
+            f.at(T0, Command::QueryUpdate(pq(1, "geo-db", "db"))),
+            Err(CatalogError::QueryNotFound(id))
+        );
+    }
+
+    #[test]
+    fn prepared_query_names_and_ids_stay_unique() {
+        let mut f = Fixture::new();
+        f.ok(Command::QueryCreate(pq(1, "geo-db", "db")));
+        f.ok(Command::QueryCreate(catch_all(2)));
+        let snapshot = f.c.clone();
+        let taken = [
+            (
+                Command::QueryCreate(pq(3, "Geo-DB", "x")),
+                CatalogError::QueryNameTaken("Geo-DB".into()),
+            ),
+            (
+                Command::QueryCreate(catch_all(4)),
+                CatalogError::CatchAllTaken,
+            ),
+            (
+                Command::QueryCreate(pq(1, "fresh", "x")),
+                CatalogError::QueryIdTaken(query::uuid_v4([1; 16])),
+            ),
+            (
+                // Another query cannot take the name by update either.
+                Command::QueryUpdate({
+                    let mut q = catch_all(2);
+                    q.name = "geo-db".into();
+                    q
+                }),
+                CatalogError::QueryNameTaken("geo-db".into()),
+            ),
+            (
+                Command::QueryCreate(PreparedQuery {
+                    id: "not-a-uuid".into(),
+                    ..pq(5, "x", "x")
+                }),
+                CatalogError::BadQueryId("not-a-uuid".into()),
+            ),
+            (
+                Command::QueryCreate(PreparedQuery {
+                    id: String::new(),
+                    ..pq(5, "x", "x")
+                }),
+                CatalogError::InvalidQuery(QueryError::MissingId),
+            ),
+            (
+                Command::QueryCreate(pq(5, "x", "")),
+                CatalogError::InvalidQuery(QueryError::MissingService),
+            ),
+            (
+                Command::QueryCreate(PreparedQuery {
+                    session: "ghost".into(),
+                    ..pq(5, "y", "y")
+                }),
+                CatalogError::InvalidSession("ghost".into()),
+            ),
+        ];
+        for (cmd, want) in taken {
+            assert_eq!(f.at(T0, cmd), Err(want.clone()), "{want}");
+        }
+        assert_eq!(
+            CatalogError::QueryNameTaken("geo-db".into()).to_string(),
+            "name 'geo-db' aliases an existing query name"
+        );
+        // Refusals change no table.
+        assert_eq!(f.c.indexes(), snapshot.indexes());
+        assert_eq!(
+            f.c.queries().collect::<Vec<_>>(),
+            snapshot.queries().collect::<Vec<_>>()
+        );
+        // The catch-all may be updated in place; the name is free again
+        // once its holder is gone.
+        f.ok(Command::QueryUpdate(catch_all(2)));
+        f.ok(Command::QueryDelete {
+            id: query::uuid_v4([1; 16]),
+        });
+        f.ok(Command::QueryCreate(pq(3, "Geo-DB", "x")));
+        // Non-template anonymous queries (bound to sessions) may be many.
+        f.session("s", Behavior::Release, Duration::ZERO);
+        for seed in [6, 7] {
+            f.ok(Command::QueryCreate(PreparedQuery {
+                session: "s".into(),
+                ..pq(seed, "", "db")
+            }));
+        }
+        assert_eq!(f.c.queries().count(), 4);
+    }
+
+    #[test]
+    fn a_query_goes_with_its_session() {
+        let mut f = Fixture::new();
+        f.session("s1", Behavior::Release, Duration::ZERO);
+        f.session("s2", Behavior::Release, Duration::ZERO);
+        let bound = |seed, session: &str| PreparedQuery {
+            session: session.into(),
+            ..pq(seed, "", "db")
+        };
+        f.ok(Command::QueryCreate(bound(1, "s1")));
+        f.ok(Command::QueryCreate(bound(2, "s2")));
+        f.ok(Command::QueryCreate(pq(3, "free", "db")));
+        let before = f.c.indexes().queries;
+        f.ok(Command::SessionDestroy { id: "s1".into() });
+        assert!(f.c.query(&query::uuid_v4([1; 16])).is_none());
+        assert!(f.c.query(&query::uuid_v4([2; 16])).is_some());
+        assert!(f.c.indexes().queries > before);
+        // Invalidation by a critical check counts the same.
+        f.ok(Command::UpdateCheck {
+            node: "n1".into(),
+            id: SERF_HEALTH.into(),
+            status: Health::Critical,
+            output: String::new(),
+        });
+        assert!(f.c.session("s2").is_none());
+        assert!(f.c.query(&query::uuid_v4([2; 16])).is_none());
+        assert_eq!(
+            f.c.queries().map(|q| q.name.as_str()).collect::<Vec<_>>(),
+            ["free"],
+            "queries without a session stay"
+        );
+        // Ending a session with no queries leaves the index alone.
+        f.ok(Command::UpdateCheck {
+            node: "n1".into(),
+            id: SERF_HEALTH.into(),
+            status: Health::Passing,
+            output: String::new(),
+        });
+        f.session("s3", Behavior::Release, Duration::ZERO);
+        let before = f.c.indexes().queries;
+        f.ok(Command::SessionDestroy { id: "s3".into() });
+        assert_eq!(f.c.indexes().queries, before);
+    }
+
+    #[test]
+    fn templates_resolve_through_the_catalog() {
+        let mut f = Fixture::new();
+        let mut t = PreparedQuery::from_json(&serde_json::json!({
+            "Name": "geo-",
+            "Template": {"Type": "name_prefix_match", "Regexp": "^geo-(.+)$"},
+            "Service": {"Service": "${match(1)}", "Tags": ["${agent.segment}"]},
+        }))
+        .unwrap();
+        t.id = query::uuid_v4([1; 16]);
+        f.ok(Command::QueryCreate(t.clone()));
+        let r = f.c.resolve_query("geo-web", "lan2").unwrap().unwrap();
+        assert_eq!(
+            (r.service.service.as_str(), r.service.tags.as_slice()),
+            ("web", &["lan2".to_string()][..])
+        );
+        assert_eq!(
+            f.c.query(&t.id).unwrap().service.service,
+            "${match(1)}",
+            "stored unrendered"
+        );
+        assert_eq!(f.c.resolve_query(&t.id, ""), Err(QueryError::TemplateById));
+    }
+
     #[test]
     fn the_state_round_trips_through_a_snapshot() {
         let mut f = Fixture::new();
         f.session("s", Behavior::Delete, Duration::from_secs(5));
         f.ok(acquire("k", "v", "s"));
+        f.ok(Command::QueryCreate(pq(1, "geo-db", "db")));
+        f.ok(Command::QueryCreate(catch_all(2)));
+        assert_eq!(f.c.queries().count(), 2);
         // postcard: the map keys are tuples, which JSON cannot carry.
         let bytes = postcard::to_allocvec(&f.c).unwrap();
         let back: Catalog = postcard::from_bytes(&bytes).unwrap();

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 mod agent_cmd;
 mod bench_cmd;
+mod failover_cmd;
 
 use crate::dataset::{self, Format, GeoOptions, Matrix, Series, Synthetic};
 use crate::sim::gossip::{
@@ -53,6 +54,11 @@ enum Command {
     /// Simulate the coordinate engine over a dataset and print one JSON line
     /// of accuracy figures (same keys as the serf peer harness).
     Sim(Box<SimArgs>),
+    /// Simulate datacenter failover: labelled datacenters, instances failing and
+    /// returning, each datacenter choosing where its answers come from by Vivaldi
+    /// coordinates and the `routing` policy; scores the choices against the true RTTs.
+    /// One JSON line per seed on stdout, a table on stderr.
+    SimFailover(Box<failover_cmd::FailoverArgs>),
     /// Inspect or generate topology datasets.
     #[command(subcommand)]
     Dataset(DatasetCmd),
@@ -71,10 +77,13 @@ enum Command {
     Members(agent_cmd::ClientArgs),
     /// Estimated RTT between two nodes from their coordinates (`consul rtt`).
     Rtt {
-        /// First node.
+        /// First node (`<node>.<datacenter>` with -wan).
         node1: String,
         /// Second node [default: the agent's own].
         node2: Option<String>,
+        /// Use the servers' WAN coordinates; names are `<node>.<datacenter>`.
+        #[arg(long)]
+        wan: bool,
         #[command(flatten)]
         client: agent_cmd::ClientArgs,
     },
@@ -277,6 +286,7 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Sim(a) => sim_cmd(*a),
+        Command::SimFailover(a) => failover_cmd::run(*a),
         Command::Dataset(d) => dataset_cmd(d),
         Command::Plot(p) => Ok(crate::plot::run(&p)?),
         Command::Agent(a) => agent_cmd::agent(*a),
@@ -286,8 +296,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Rtt {
             node1,
             node2,
+            wan: false,
             client,
         } => agent_cmd::rtt(&client, &node1, node2.as_deref()),
+        Command::Rtt {
+            node1,
+            node2,
+            wan: true,
+            client,
+        } => agent_cmd::rtt_wan(&client, &node1, node2.as_deref()),
         Command::Info(c) => agent_cmd::info(&c),
     }
 }

@@ -368,6 +368,10 @@ pub struct GossipConfig {
     /// agent's versions are newer than its previous life's; the simulator
     /// runs every life on one clock and passes zero.
     pub epoch: Duration,
+    /// Keep RTT distributions (p50/p99) of the members this node probes
+    /// ([`crate::tomography`]). The agent does (its `/v1/rtt`); the
+    /// simulator's thousands of nodes leave it off.
+    pub tomography: Option<crate::tomography::TomographyConfig>,
 }
 
 impl GossipConfig {
@@ -393,6 +397,7 @@ impl GossipConfig {
             engine: vivaldi::Config::tomo(),
             rumor_transmissions,
             epoch: Duration::ZERO,
+            tomography: None,
         };
         g.fit_packet();
         g
@@ -649,6 +654,8 @@ impl Rumors {
 pub struct Gossip {
     foca: Foca<Id, PostcardCodec, ChaCha8Rng, NoCustomBroadcast>,
     engine: Node<String>,
+    /// RTT distributions of the members this node probed (when on).
+    tomography: Option<crate::tomography::Tomography<String>>,
     /// Pings sent and not yet acked: (target address, probe number) → when.
     pending: HashMap<(SocketAddr, u8), Duration>,
     /// Every member's published coordinate, ours included.
@@ -800,6 +807,7 @@ impl Gossip {
         Ok(Gossip {
             foca,
             engine,
+            tomography: cfg.tomography.map(crate::tomography::Tomography::new),
             pending: HashMap::new(),
             table: Table::default(),
             live: HashMap::new(),
@@ -820,6 +828,12 @@ impl Gossip {
             stats: GossipStats::default(),
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0xC00D),
         })
+    }
+
+    /// The RTT distributions of the members this node probed (`None`
+    /// unless [`GossipConfig::tomography`] is set).
+    pub fn tomography(&self) -> Option<&crate::tomography::Tomography<String>> {
+        self.tomography.as_ref()
     }
 
     /// This node's identity.
@@ -976,11 +990,21 @@ impl Gossip {
             };
             let hold = Duration::from_micros(incoming.as_ref().map_or(0, |e| e.hold_us as u64));
             let rtt = now.saturating_sub(sent).saturating_sub(hold);
+            // The coordinate estimate before this sample moves it: the
+            // calibration compares measurements with predictions.
+            let predicted = (coord.vec.len() == self.engine.coordinate().vec.len())
+                .then(|| self.engine.coordinate().distance_to(coord));
             match self
                 .engine
                 .update(&name, coord, rtt.as_secs_f64(), &mut self.rng)
             {
-                Ok(()) => self.stats.rtt_samples += 1,
+                Ok(()) => {
+                    self.stats.rtt_samples += 1;
+                    // Only samples the engine took feed the distributions.
+                    if let Some(t) = &mut self.tomography {
+                        let _ = t.record(&name, rtt.as_secs_f64(), predicted, now);
+                    }
+                }
                 Err(_) => self.stats.rtt_rejected += 1,
             }
         }
@@ -1000,6 +1024,9 @@ impl Gossip {
                     self.live.remove(&id.name);
                     self.table.remove(&id.name);
                     self.rumors.remove(&id.name);
+                    if let Some(t) = &mut self.tomography {
+                        t.forget(&id.name);
+                    }
                 }
                 _ => {}
             }

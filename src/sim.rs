@@ -25,6 +25,7 @@ use crate::stats::{mean, quantile_sorted, quantiles_unsorted};
 use crate::tomography::{Tomography, TomographyConfig};
 use crate::vivaldi::{self, Coordinate, Node, VivaldiError};
 
+pub mod failover;
 pub mod gossip;
 mod tail;
 pub use tail::{PointGroups, TailEvaluation, TailGroup, TailPair};

@@ -79,6 +79,8 @@ impl Cluster {
             .collect();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tomo"));
         cmd.args(["agent", "-dev", "-node", &format!("node-{i}")])
+            // Several agents at once: no DNS (8600 is one port).
+            .args(["-dns-port", "0"])
             .args(["-serf-lan-port", &self.gossip[i].to_string()])
             .args(["-http-port", &self.http[i].to_string()])
             .args(["-probe-interval", "200ms"])

@@ -603,6 +603,10 @@ fn a_damaged_data_dir_stops_the_agent_with_a_clear_error() {
         vec![
             "agent".to_string(),
             "-server".into(),
+            "-serf-wan-port".into(),
+            "0".into(),
+            "-dns-port".into(),
+            "0".into(),
             "-bootstrap-expect".into(),
             "1".into(),
             "-bind".into(),
@@ -631,6 +635,22 @@ fn a_damaged_data_dir_stops_the_agent_with_a_clear_error() {
     let err = common::tomo_fails_cleanly(&a);
     assert!(err.contains("node-id") && err.contains("damaged"), "{err}");
     // -dev is one server: -bootstrap-expect 3 makes no sense with it.
-    let err = common::tomo_fails_cleanly(&["agent", "-dev", "-bootstrap-expect", "3"]);
+    let err =
+        common::tomo_fails_cleanly(&["agent", "-dev", "-dns-port", "0", "-bootstrap-expect", "3"]);
     assert!(err.contains("-bootstrap-expect"), "{err}");
+    // A datacenter name with a dot would split WAN member names wrongly.
+    let err =
+        common::tomo_fails_cleanly(&["agent", "-dev", "-dns-port", "0", "-datacenter", "us.east"]);
+    assert!(err.contains("-datacenter"), "{err}");
+    // -join-wan on a client agent.
+    let err = common::tomo_fails_cleanly(&[
+        "agent",
+        "-data-dir",
+        common::path_str(dir.path()),
+        "-dns-port",
+        "0",
+        "-join-wan",
+        "127.0.0.1:1",
+    ]);
+    assert!(err.contains("-join-wan"), "{err}");
 }

@@ -1,7 +1,8 @@
 //! python-consul 0.7.1 (Debian's `python3-consul`, what Patroni uses),
 //! unchanged, against `tomo agent -dev`: KV with CAS, blocking reads,
-//! sessions with Patroni's parameters, locks, and the NotFound a renew of
-//! an unknown session must raise.
+//! sessions with Patroni's parameters, locks, the NotFound a renew of
+//! an unknown session must raise, agent services, catalog and health with
+//! `near`, coordinates and prepared queries.
 //!
 //! Skips with a message when the package is missing; CI sets
 //! `TOMO_REQUIRE_EXTERNAL=1` (and installs it) to make that a failure.
@@ -83,6 +84,32 @@ idx, coords = c.coordinate.nodes()
 assert [x['Node'] for x in coords] == ['py'] and len(coords[0]['Coord']['Vec']) == 8, coords
 dcs = c.coordinate.datacenters()
 assert dcs[0]['Datacenter'] == 'dc1' and [x['Node'] for x in dcs[0]['Coordinates']] == ['py'], dcs
+# Prepared queries. python-consul always sends a name_prefix_match
+# template, so (as on Consul) the query runs by name, not by ID.
+q = c.query.create('web', name='web', nearestn=2, onlypassing=False, ttl='10s')
+qid = q['ID']
+got = c.query.get(qid)
+assert got[0]['Name'] == 'web' and got[0]['Service']['Service'] == 'web', got
+assert got[0]['Template']['Type'] == 'name_prefix_match', got
+assert got[0]['Service']['Failover']['NearestN'] == 2, got
+assert [x['ID'] for x in c.query.list()] == [qid]
+r = c.query.execute('web', near='_agent')
+assert r['Service'] == 'web' and r['Datacenter'] == 'dc1' and r['Failovers'] == 0, r
+assert [n['Node']['Node'] for n in r['Nodes']] == ['py', 'far'], r
+assert r['DNS']['TTL'] == '10s', r
+r = c.query.execute('web-anything', limit=1)
+assert len(r['Nodes']) == 1, r
+assert c.query.explain('web')['Query']['ID'] == qid
+try:
+    c.query.execute(qid)
+    raise SystemExit('a template ran by ID')
+except consul.ConsulException:
+    pass
+assert c.query.update(qid, 'web', name='web', onlypassing=True) is True
+assert c.query.get(qid)[0]['Service']['OnlyPassing'] is True
+assert c.query.delete(qid) is True
+assert c.query.list() == []
+
 assert c.agent.service.deregister('web-1') is True
 assert 'web-1' not in c.agent.services()
 print('python-consul ok')
@@ -120,6 +147,8 @@ fn python_consul_kv_sessions_and_locks() {
             "-http-port",
             "0",
             "-serf-lan-port",
+            "0",
+            "-dns-port",
             "0",
         ])
         .args(["-data-dir", dir.path().to_str().unwrap()])

@@ -44,6 +44,8 @@ impl Agent {
                 &port.to_string(),
                 "-serf-lan-port",
                 &free_udp().to_string(),
+                "-dns-port",
+                "0",
                 "-data-dir",
                 dir.path().to_str().unwrap(),
             ])

@@ -60,6 +60,7 @@ impl Cluster {
     fn spawn(&mut self, i: usize) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tomo"));
         cmd.args(["agent", "-node", &Self::name(i), "-bind", "127.0.0.1"])
+            .args(["-dns-port", "0"])
             .args(["-serf-lan-port", &self.gossip[i].to_string()])
             .args(["-http-port", &self.http[i].to_string()])
             .args(["-probe-interval", "500ms"])
@@ -73,7 +74,7 @@ impl Cluster {
             cmd.args(["-retry-join", &format!("127.0.0.1:{}", self.gossip[seed])]);
         }
         if i < SERVERS {
-            cmd.args(["-server", "-bootstrap-expect", "3"])
+            cmd.args(["-server", "-bootstrap-expect", "3", "-serf-wan-port", "0"])
                 .args(["-server-port", &self.rpc[i].to_string()]);
         }
         self.children[i] = Some(cmd.spawn().expect("start tomo agent"));

@@ -84,7 +84,7 @@ fn tagged(n: &Node) -> std::collections::BTreeMap<String, String> {
     t
 }
 
-fn node_json(n: &Node) -> Value {
+pub(super) fn node_json(n: &Node) -> Value {
     json!({
         "ID": n.id,
         "Node": n.name,
@@ -97,7 +97,7 @@ fn node_json(n: &Node) -> Value {
     })
 }
 
-fn node_service_json(s: &Service) -> Value {
+pub(super) fn node_service_json(s: &Service) -> Value {
     json!({
         "ID": s.id,
         "Service": s.name,
@@ -134,7 +134,7 @@ fn service_node_json(n: &Node, s: &Service) -> Value {
     })
 }
 
-fn check_json(c: &Catalog, node: &str, k: &Check) -> Value {
+pub(super) fn check_json(c: &Catalog, node: &str, k: &Check) -> Value {
     let svc = (!k.service_id.is_empty())
         .then(|| c.node_services(node).find(|s| s.id == k.service_id))
         .flatten();
@@ -332,7 +332,11 @@ pub async fn deregister(State(api): State<Arc<CatalogApi>>, body: Bytes) -> Resp
 
 /// `GET /v1/catalog/datacenters`.
 pub async fn datacenters(State(api): State<Arc<CatalogApi>>) -> Response {
-    reply(&json!([api.agent.datacenter]), api.server.applied())
+    let dcs: Vec<String> = super::federation::datacenters_by_distance(&api.agent)
+        .into_iter()
+        .map(|(dc, _)| dc)
+        .collect();
+    reply(&json!(dcs), api.server.applied())
 }
 
 /// `GET /v1/catalog/nodes`.

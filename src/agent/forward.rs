@@ -41,12 +41,6 @@ pub const NO_LEADER: &str = "No cluster leader";
 /// Consul's text for a `?dc=` it cannot reach.
 pub const NO_PATH: &str = "No path to datacenter";
 
-/// `?dc=` naming another datacenter: until federation, there is no path
-/// to it (rather than answering with this datacenter's data).
-fn other_dc(p: &HashMap<String, String>, mine: &str) -> bool {
-    p.get("dc").is_some_and(|dc| !dc.is_empty() && dc != mine)
-}
-
 /// What can go wrong reaching a server.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -136,6 +130,72 @@ impl Forwarder {
         Err(last)
     }
 
+    /// The agent this forwarder serves.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Carries `req` to a server of its own datacenter (client agents),
+    /// the last one that answered first, the next on a refused
+    /// connection.
+    pub async fn to_servers(&self, req: Request) -> Response {
+        let call = match call_of(Some(&self.shared.node), req, false).await {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let servers = self.servers();
+        if servers.is_empty() {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &ForwardError::NoServers.to_string(),
+            );
+        }
+        let mut last = String::new();
+        for addr in servers {
+            match self.send(addr, &call).await {
+                Ok(r) => {
+                    *self.preferred.lock().expect("not poisoned") = Some(addr);
+                    return r;
+                }
+                // Only a server that never got the request is safe to try
+                // the next one for (a write may have been applied).
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => last = e.to_string(),
+                Err(e) => return rpc_error(&e.to_string()),
+            }
+        }
+        rpc_error(&last)
+    }
+
+    /// Carries `req` to datacenter `dc`: from a client agent, to a server
+    /// of its own (which carries it on); from a server, to the nearest
+    /// live server of `dc` the WAN pool knows, the next on a refused
+    /// connection. `near=_agent` is dropped: this agent is not in `dc`,
+    /// and Consul does not sort across datacenters.
+    pub async fn to_datacenter(&self, dc: &str, req: Request) -> Response {
+        if self.server.is_none() {
+            return self.to_servers(req).await;
+        }
+        let servers = super::federation::servers_of(&self.shared, dc);
+        if servers.is_empty() {
+            return super::federation::no_path();
+        }
+        let mut call = match call_of(None, req, false).await {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        call.headers
+            .push((super::federation::CROSSED_HEADER.to_string(), b"1".to_vec()));
+        let mut last = String::new();
+        for addr in servers {
+            match self.send(addr, &call).await {
+                Ok(r) => return r,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => last = e.to_string(),
+                Err(e) => return rpc_error(&e.to_string()),
+            }
+        }
+        rpc_error(&last)
+    }
+
     /// Sends a request to the server at `addr` and turns its answer into a
     /// response.
     async fn send(&self, addr: SocketAddr, call: &HttpCall) -> std::io::Result<Response> {
@@ -160,6 +220,8 @@ pub fn is_registry(path: &str) -> bool {
         "/v1/session/",
         "/v1/status/",
         "/v1/operator/",
+        "/v1/query",
+        "/v1/internal/",
     ]
     .iter()
     .any(|p| path.starts_with(p))
@@ -181,11 +243,13 @@ fn query_params(uri: &axum::http::Uri) -> HashMap<String, String> {
 }
 
 /// Builds the forwarded form of `req`, with what only this agent knows
-/// filled in: `near=_agent` becomes this node, and a session created
-/// without a `Node` is this node's (as Consul's agent does before its
-/// RPC). A client's request may take a second hop (the server it reaches
-/// sends it on to the leader); a server's to the leader is the last.
-async fn call_of(node: &str, req: Request, last_hop: bool) -> Result<HttpCall, Response> {
+/// filled in: `near=_agent` becomes this node (`node`; `None`: another
+/// datacenter's, where this node is not, so the parameter is dropped),
+/// and a session created without a `Node` is this node's (as Consul's
+/// agent does before its RPC). A client's request may take a second hop
+/// (the server it reaches sends it on to the leader); a server's to the
+/// leader is the last.
+async fn call_of(node: Option<&str>, req: Request, last_hop: bool) -> Result<HttpCall, Response> {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, MAX_BODY)
         .await
@@ -198,12 +262,10 @@ async fn call_of(node: &str, req: Request, last_hop: bool) -> Result<HttpCall, R
     if let Some((path, q)) = uri.split_once('?') {
         let q: Vec<String> = q
             .split('&')
-            .map(|kv| {
-                if kv == "near=_agent" {
-                    format!("near={node}")
-                } else {
-                    kv.to_string()
-                }
+            .filter_map(|kv| match (kv, node) {
+                ("near=_agent", Some(node)) => Some(format!("near={node}")),
+                ("near=_agent", None) => None,
+                _ => Some(kv.to_string()),
             })
             .collect();
         uri = format!("{path}?{}", q.join("&"));
@@ -220,18 +282,33 @@ async fn call_of(node: &str, req: Request, last_hop: bool) -> Result<HttpCall, R
             }
         };
         if let Some(mut m) = parsed
+            && let Some(node) = node
             && !m.keys().any(|k| k.eq_ignore_ascii_case("node"))
         {
             m.insert("Node".into(), serde_json::Value::String(node.to_string()));
             body = serde_json::to_vec(&m).unwrap_or(body);
         }
     }
-    let headers: Vec<(String, Vec<u8>)> = parts
+    let mut headers: Vec<(String, Vec<u8>)> = parts
         .headers
         .iter()
         .filter(|(k, _)| *k != axum::http::header::CONTENT_LENGTH)
         .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
         .collect();
+    // The agent that took the request, for a prepared query's
+    // `Near: "_agent"` (the first hop's, kept on the next); not carried to
+    // another datacenter, where that agent is not.
+    if node.is_none() {
+        headers.retain(|(k, _)| !k.eq_ignore_ascii_case(super::query_api::AGENT_HEADER));
+    }
+    if let Some(node) = node
+        && !parts.headers.contains_key(super::query_api::AGENT_HEADER)
+    {
+        headers.push((
+            super::query_api::AGENT_HEADER.to_string(),
+            node.as_bytes().to_vec(),
+        ));
+    }
     Ok(HttpCall {
         method: parts.method.as_str().to_string(),
         uri,
@@ -303,34 +380,7 @@ pub fn handler(router: axum::Router) -> HttpHandler {
 /// Client agents: every registry request goes to a server, the last one
 /// that answered first, the next on a refused connection.
 pub async fn forward_all(State(f): State<Arc<Forwarder>>, req: Request) -> Response {
-    if other_dc(&query_params(req.uri()), &f.shared.datacenter) {
-        return text(StatusCode::INTERNAL_SERVER_ERROR, NO_PATH);
-    }
-    let call = match call_of(&f.shared.node, req, false).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let servers = f.servers();
-    if servers.is_empty() {
-        return text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &ForwardError::NoServers.to_string(),
-        );
-    }
-    let mut last = String::new();
-    for addr in servers {
-        match f.send(addr, &call).await {
-            Ok(r) => {
-                *f.preferred.lock().expect("not poisoned") = Some(addr);
-                return r;
-            }
-            // Only a server that never got the request is safe to try the
-            // next one for (a write may have been applied).
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => last = e.to_string(),
-            Err(e) => return rpc_error(&e.to_string()),
-        }
-    }
-    rpc_error(&last)
+    f.to_servers(req).await
 }
 
 fn rpc_error(e: &str) -> Response {
@@ -351,9 +401,6 @@ pub async fn dispatch(State(f): State<Arc<Forwarder>>, req: Request, next: Next)
         return next.run(req).await;
     }
     let p = query_params(req.uri());
-    if other_dc(&p, &f.shared.datacenter) {
-        return text(StatusCode::INTERNAL_SERVER_ERROR, NO_PATH);
-    }
     let stale = p.contains_key("stale");
     let consistent = p.contains_key("consistent");
     if stale && consistent {
@@ -364,15 +411,18 @@ pub async fn dispatch(State(f): State<Arc<Forwarder>>, req: Request, next: Next)
     }
     let forwarded = req.extensions().get::<LastHop>().is_some();
     let is_read = req.method() == axum::http::Method::GET;
-    // Status and operator reads are this server's view, as in Consul.
-    let local_only =
-        is_read && (path.starts_with("/v1/status/") || path.starts_with("/v1/operator/"));
+    // Status and operator reads, and the datacenters by distance, are
+    // this server's view, as in Consul.
+    let local_only = is_read
+        && (path.starts_with("/v1/status/")
+            || path.starts_with("/v1/operator/")
+            || path == "/v1/catalog/datacenters");
     let here = forwarded || local_only || (is_read && stale) || server.is_leader();
     if !here {
         let Some((_, leader)) = server.leader_addr() else {
             return text(StatusCode::INTERNAL_SERVER_ERROR, NO_LEADER);
         };
-        let call = match call_of(&f.shared.node, req, true).await {
+        let call = match call_of(Some(&f.shared.node), req, true).await {
             Ok(c) => c,
             Err(r) => return r,
         };

@@ -27,7 +27,6 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/agent/members", get(members))
         .route("/v1/agent/join/{address}", put(join))
         .route("/v1/agent/leave", put(leave))
-        .route("/v1/coordinate/datacenters", get(coordinate_datacenters))
         .route("/v1/coordinate/nodes", get(coordinate_nodes))
         .route("/v1/coordinate/node/{node}", get(coordinate_node))
         .route("/v1/coordinate/update", put(coordinate_update))
@@ -38,7 +37,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
 type Params = Query<HashMap<String, String>>;
 
 /// A JSON body, pretty with `?pretty`, with `X-Consul-Index`.
-fn json_reply(shared: &Shared, params: &HashMap<String, String>, v: &impl Serialize) -> Response {
+pub(crate) fn json_reply(
+    shared: &Shared,
+    params: &HashMap<String, String>,
+    v: &impl Serialize,
+) -> Response {
     let body = if params.contains_key("pretty") {
         let mut out = Vec::new();
         let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
@@ -138,33 +141,64 @@ async fn members(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {
     if let Err(r) = block(&s, &p).await {
         return r;
     }
-    let list: Vec<Value> = {
-        let g = s.gossip.lock().expect("not poisoned");
-        let mut v = vec![member(&s.node, s.gossip_addr, &s.datacenter, 1)];
-        let mut others = g.membership();
-        others.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        for (id, state) in others {
-            // Consul: 1 alive, 3 left, 4 failed.
-            let status = match state {
-                foca::State::Down if g.has_left(&id.name) => 3,
-                foca::State::Down => 4,
-                _ => 1,
+    // `?wan`: the WAN pool (servers of every datacenter, named
+    // `<node>.<datacenter>`); empty on a client agent, as in Consul.
+    let wan = p.contains_key("wan");
+    let pool = if wan {
+        super::Pool::Wan
+    } else {
+        super::Pool::Lan
+    };
+    let list: Vec<Value> = match s.pool(pool) {
+        None => Vec::new(),
+        Some(g) => {
+            let g = g.lock().expect("not poisoned");
+            let me = g.identity();
+            let dc_of = |name: &str| {
+                if wan {
+                    super::split_wan_name(name)
+                        .map_or("", |(_, dc)| dc)
+                        .to_string()
+                } else {
+                    s.datacenter.clone()
+                }
             };
-            v.push(member(&id.name, id.addr, &s.datacenter, status));
+            let mut v = vec![member(&me.name, me.addr, &s.datacenter, 1)];
+            let mut others = g.membership();
+            others.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+            for (id, state) in others {
+                // Consul: 1 alive, 3 left, 4 failed.
+                let status = match state {
+                    foca::State::Down if g.has_left(&id.name) => 3,
+                    foca::State::Down => 4,
+                    _ => 1,
+                };
+                v.push(member(&id.name, id.addr, &dc_of(&id.name), status));
+            }
+            v
         }
-        v
     };
     json_reply(&s, &p, &list)
 }
 
-async fn join(State(s): State<Arc<Shared>>, Path(address): Path<String>) -> Response {
+/// `PUT /v1/agent/join/:address`, with `?wan` (presence) the WAN pool.
+async fn join(
+    State(s): State<Arc<Shared>>,
+    Path(address): Path<String>,
+    Query(p): Params,
+) -> Response {
     let Ok(addr) = address.parse::<SocketAddr>() else {
         return text(
             StatusCode::BAD_REQUEST,
             &format!("Invalid address {address:?}: want host:port"),
         );
     };
-    match s.join(addr).await {
+    let pool = if p.contains_key("wan") {
+        super::Pool::Wan
+    } else {
+        super::Pool::Lan
+    };
+    match s.join(pool, addr).await {
         Ok(()) => StatusCode::OK.into_response(),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
@@ -209,31 +243,6 @@ fn coordinate_table(s: &Shared) -> Vec<CoordEntry> {
     }
     v.sort_by(|a, b| a.node.cmp(&b.node));
     v
-}
-
-/// `GET /v1/coordinate/datacenters`: the servers' coordinates by
-/// datacenter. Until WAN federation there is one datacenter and one pool:
-/// the LAN coordinates of the servers gossip knows (this agent's own if it
-/// is one).
-async fn coordinate_datacenters(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {
-    let servers: std::collections::HashSet<String> = {
-        let g = s.gossip.lock().expect("not poisoned");
-        let mut v: std::collections::HashSet<String> = g
-            .membership_iter()
-            .filter(|(id, st)| id.server.is_some() && *st != foca::State::Down)
-            .map(|(id, _)| id.name.clone())
-            .collect();
-        if g.identity().server.is_some() {
-            v.insert(s.node.clone());
-        }
-        v
-    };
-    let coords: Vec<CoordEntry> = coordinate_table(&s)
-        .into_iter()
-        .filter(|e| servers.contains(&e.node))
-        .collect();
-    let v = json!([{"Datacenter": s.datacenter, "AreaID": "WAN", "Coordinates": coords}]);
-    json_reply(&s, &p, &v)
 }
 
 async fn coordinate_nodes(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {

@@ -13,7 +13,7 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::agent::link::LinkEmulator;
-use crate::agent::{Agent, AgentConfig};
+use crate::agent::{Agent, AgentConfig, WanConfig};
 use crate::dataset::Matrix;
 use crate::vivaldi::Coordinate;
 
@@ -41,12 +41,38 @@ pub struct AgentArgs {
     /// Gossip (Serf LAN) UDP port.
     #[arg(long, default_value_t = 8301)]
     serf_lan_port: u16,
+    /// DNS port, UDP and TCP on the -client address [default: 8600, with
+    /// -dev too]; 0 (or Consul's -1) turns the DNS interface off.
+    #[arg(long, allow_negative_numbers = true)]
+    dns_port: Option<i32>,
+    /// The configuration file's `dns_config` (TTLs, `udp_answer_limit`,
+    /// `only_passing`, `enable_truncate`, ...).
+    #[arg(skip)]
+    dns_config: Option<Value>,
     /// Join these members at start (host:port; repeatable).
     #[arg(long)]
     join: Vec<String>,
     /// Keep trying to join these until one answers (repeatable).
     #[arg(long)]
     retry_join: Vec<String>,
+    /// Servers: WAN gossip (Serf WAN) UDP port, where the servers of every
+    /// datacenter meet [default: 8302; ephemeral with -dev]; -1 disables
+    /// the WAN pool.
+    #[arg(long, allow_negative_numbers = true)]
+    serf_wan_port: Option<i32>,
+    /// Servers: join these WAN members (another datacenter's servers,
+    /// host:port of their Serf WAN port) at start (repeatable).
+    #[arg(long)]
+    join_wan: Vec<String>,
+    /// Servers: keep trying to join these WAN members until one answers.
+    #[arg(long)]
+    retry_join_wan: Vec<String>,
+    /// Servers: address announced to the other datacenters [default: -advertise].
+    #[arg(long)]
+    advertise_wan: Option<IpAddr>,
+    /// Servers: WAN probe interval (tomo; Consul's WAN pool probes every 5s).
+    #[arg(long, default_value = "5s")]
+    wan_probe_interval: String,
     /// Data directory (created if missing).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -211,6 +237,21 @@ fn apply_config_file(a: &mut AgentArgs, path: &std::path::Path) -> Result<()> {
     if let Some(p) = v["ports"]["serf_lan"].as_u64() {
         a.serf_lan_port = p as u16;
     }
+    if let Some(p) = v["ports"]["dns"].as_i64() {
+        a.dns_port.get_or_insert(p as i32);
+    }
+    if v["dns_config"].is_object() {
+        a.dns_config = Some(v["dns_config"].clone());
+    }
+    if let Some(p) = v["ports"]["serf_wan"].as_i64() {
+        a.serf_wan_port.get_or_insert(p as i32);
+    }
+    if let Some(ip) = v["advertise_addr_wan"].as_str() {
+        a.advertise_wan.get_or_insert(
+            ip.parse()
+                .with_context(|| format!("advertise_addr_wan {ip:?}"))?,
+        );
+    }
     if let Some(p) = v["ports"]["server"].as_u64() {
         a.server_port.get_or_insert(p as u16);
     }
@@ -229,6 +270,8 @@ fn apply_config_file(a: &mut AgentArgs, path: &std::path::Path) -> Result<()> {
     for (key, list) in [
         ("start_join", &mut a.join),
         ("retry_join", &mut a.retry_join),
+        ("start_join_wan", &mut a.join_wan),
+        ("retry_join_wan", &mut a.retry_join_wan),
     ] {
         if let Some(arr) = v[key].as_array() {
             list.extend(arr.iter().filter_map(|x| x.as_str().map(str::to_string)));
@@ -279,6 +322,20 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
     if let Some(p) = a.config_file.clone() {
         apply_config_file(&mut a, &p)?;
     }
+    // Consul's rule (letters, digits, `-`, `_`), lowercased: WAN member
+    // names are `<node>.<datacenter>`, so a dot would split them wrongly.
+    if a.datacenter.is_empty()
+        || !a
+            .datacenter
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!(
+            "-datacenter {:?}: use letters, digits, '-' and '_' only",
+            a.datacenter
+        );
+    }
+    a.datacenter = a.datacenter.to_ascii_lowercase();
     if let Some(d) = &a.data_dir {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     } else if !a.dev {
@@ -356,6 +413,43 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
     } else {
         None
     };
+    let wan = match (&server, a.serf_wan_port) {
+        (None, _) | (_, Some(-1)) => None,
+        (Some(_), port) => {
+            let port = match port {
+                Some(p) => u16::try_from(p)
+                    .map_err(|_| anyhow!("-serf-wan-port {p}: want 0..65535, or -1 (off)"))?,
+                None if a.dev => 0,
+                None => 8302,
+            };
+            let mut w = WanConfig::new(SocketAddr::new(bind_ip, port));
+            let ip = a.advertise_wan.unwrap_or(advertise_ip);
+            w.advertise = Some(SocketAddr::new(ip, port))
+                .filter(|_| port != 0 && (!bind_ip.is_unspecified() || a.advertise_wan.is_some()));
+            w.join = parse_addrs(&a.join_wan, 8302)?;
+            w.retry_join = parse_addrs(&a.retry_join_wan, 8302)?;
+            w.probe_interval = parse_duration(&a.wan_probe_interval)?;
+            if w.probe_interval < Duration::from_millis(10) {
+                bail!("-wan-probe-interval must be at least 10ms");
+            }
+            Some(w)
+        }
+    };
+    if wan.is_none() && !(a.join_wan.is_empty() && a.retry_join_wan.is_empty()) {
+        bail!("-join-wan and -retry-join-wan need a server (-server) with a WAN pool");
+    }
+    let dns = match a.dns_port.unwrap_or(8600) {
+        0 | -1 => None,
+        p => {
+            let port = u16::try_from(p)
+                .map_err(|_| anyhow!("-dns-port {p}: want 1..65535, or 0 (off)"))?;
+            let mut d = crate::agent::dns::DnsConfig::new(SocketAddr::new(a.client, port));
+            if let Some(v) = &a.dns_config {
+                d.apply_consul_json(v)?;
+            }
+            Some(d)
+        }
+    };
     let dev_data = server
         .as_ref()
         .filter(|_| a.dev && a.data_dir.is_none())
@@ -378,6 +472,8 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
         cluster_size: 16,
         seed: std::process::id() as u64,
         link,
+        wan,
+        dns,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -389,6 +485,9 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
             "tomo agent {}: gossip on {}, HTTP on http://{} (log level {})",
             agent.shared.node, agent.gossip_addr, agent.http_addr, a.log_level
         );
+        if let Some(d) = agent.dns_addr {
+            eprintln!("tomo agent: DNS on {d} (UDP and TCP)");
+        }
         let shared = agent.shared.clone();
         tokio::select! {
             _ = wait_for_signal() => {
@@ -499,7 +598,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         }
         let seed = agents[0].gossip_addr;
         for ag in &agents[1..] {
-            ag.shared.join(seed).await?;
+            ag.shared.join(crate::agent::Pool::Lan, seed).await?;
         }
         println!(
             "{n} agents (one-way link delay = RTT / 2 from {}):",
@@ -642,9 +741,43 @@ pub fn members(c: &ClientArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prints the agent's p50/p99 estimate for a pair (`/v1/rtt`).
+fn print_distribution(c: &ClientArgs, from: &str, to: &str) -> Result<()> {
+    let enc = |s: &str| {
+        s.replace('%', "%25")
+            .replace('&', "%26")
+            .replace(' ', "%20")
+    };
+    let e = get_json(c, &format!("/v1/rtt?from={}&to={}", enc(from), enc(to)))?;
+    let ms = |k: &str| e[k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+    println!(
+        "  p50 {:.3} ms, p99 {:.3} ms ({}, {} samples, confidence {:.2})",
+        ms("P50"),
+        ms("P99"),
+        e["Source"].as_str().unwrap_or("?"),
+        e["Samples"],
+        e["Confidence"].as_f64().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
 /// `tomo rtt N1 [N2]`: the estimate between two nodes' LAN coordinates,
-/// printed as `consul rtt` does.
+/// printed as `consul rtt` does, then tomo's p50/p99 for the pair.
+/// `dc:NAME` on both sides: the datacenters' p50/p99 (WAN).
 pub fn rtt(c: &ClientArgs, n1: &str, n2: Option<&str>) -> Result<()> {
+    if n1.starts_with("dc:") || n2.is_some_and(|n| n.starts_with("dc:")) {
+        let n2 = match n2 {
+            Some(n) => n.to_string(),
+            None => format!(
+                "dc:{}",
+                get_json(c, "/v1/agent/self")?["Config"]["Datacenter"]
+                    .as_str()
+                    .unwrap_or("")
+            ),
+        };
+        println!("Estimated {n1} <-> {n2} (using WAN coordinates and probes):");
+        return print_distribution(c, n1, &n2);
+    }
     let n2 = match n2 {
         Some(n) => n.to_string(),
         None => get_json(c, "/v1/agent/self")?["Config"]["NodeName"]
@@ -672,6 +805,50 @@ pub fn rtt(c: &ClientArgs, n1: &str, n2: Option<&str>) -> Result<()> {
     }
     println!(
         "Estimated {n1} <-> {n2} rtt: {:.3} ms (using LAN coordinates)",
+        a.distance_to(&b) * 1000.0
+    );
+    print_distribution(c, n1, &n2)
+}
+
+/// `tomo rtt -wan N1.DC1 [N2.DC2]`: the estimate between two servers'
+/// WAN coordinates, printed as `consul rtt -wan` does.
+pub fn rtt_wan(c: &ClientArgs, n1: &str, n2: Option<&str>) -> Result<()> {
+    let n2 = match n2 {
+        Some(n) => n.to_string(),
+        None => {
+            let me = get_json(c, "/v1/agent/self")?;
+            format!(
+                "{}.{}",
+                me["Config"]["NodeName"].as_str().unwrap_or(""),
+                me["Config"]["Datacenter"].as_str().unwrap_or("")
+            )
+        }
+    };
+    let table = get_json(c, "/v1/coordinate/datacenters")?;
+    let find = |name: &str| -> Result<Coordinate> {
+        let (node, dc) = name
+            .rsplit_once('.')
+            .ok_or_else(|| anyhow!("{name:?}: WAN names are <node>.<datacenter>"))?;
+        let e = table
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["Datacenter"].as_str() == Some(dc))
+            .flat_map(|d| d["Coordinates"].as_array().into_iter().flatten())
+            .find(|e| {
+                e["Node"]
+                    .as_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(node))
+            })
+            .ok_or_else(|| anyhow!("could not find a WAN coordinate for {name:?}"))?;
+        Ok(serde_json::from_value(e["Coord"].clone())?)
+    };
+    let (a, b) = (find(n1)?, find(&n2)?);
+    if a.vec.len() != b.vec.len() {
+        bail!("coordinates of {n1} and {n2} have different dimensions");
+    }
+    println!(
+        "Estimated {n1} <-> {n2} rtt: {:.3} ms (using WAN coordinates)",
         a.distance_to(&b) * 1000.0
     );
     Ok(())

@@ -371,18 +371,26 @@ async fn start_tomo(dir: &Path) -> Result<(Procs, Vec<SocketAddr>, usize)> {
     let mut procs = Procs(Vec::new());
     for i in 0..3 {
         let mut cmd = Command::new(&exe);
-        cmd.args(["agent", "-server", "-bootstrap-expect", "3"])
-            .args(["-node", &format!("bench-{i}"), "-bind", "127.0.0.1"])
-            .args(["-serf-lan-port", &gossip[i].to_string()])
-            .args(["-http-port", &http[i].to_string()])
-            .args(["-server-port", &rpc[i].to_string()])
-            .args([
-                "-data-dir",
-                dir.join(format!("tomo-{i}")).to_str().unwrap_or("."),
-            ])
-            .args(["-retry-join", &format!("127.0.0.1:{}", gossip[(i + 1) % 3])])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "agent",
+            "-server",
+            "-bootstrap-expect",
+            "3",
+            "-serf-wan-port",
+            "0",
+        ])
+        .args(["-node", &format!("bench-{i}"), "-bind", "127.0.0.1"])
+        .args(["-dns-port", "0"])
+        .args(["-serf-lan-port", &gossip[i].to_string()])
+        .args(["-http-port", &http[i].to_string()])
+        .args(["-server-port", &rpc[i].to_string()])
+        .args([
+            "-data-dir",
+            dir.join(format!("tomo-{i}")).to_str().unwrap_or("."),
+        ])
+        .args(["-retry-join", &format!("127.0.0.1:{}", gossip[(i + 1) % 3])])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         procs.0.push(cmd.spawn().context("starting tomo agent")?);
     }
     let endpoints: Vec<SocketAddr> = http

@@ -81,6 +81,18 @@ pub fn free_udp() -> u16 {
         .port()
 }
 
+/// A loopback port that was free a moment ago for both UDP and TCP (a DNS
+/// server takes both).
+pub fn free_udp_tcp() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// A loopback TCP port that was free a moment ago.
 pub fn free_tcp() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
