@@ -507,6 +507,9 @@ impl Agent {
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
+            // Handlers may read the caller's address (a prepared query's
+            // `Near: "_ip"`).
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let _ = axum::serve(listener, app).await;
         });
         if let (Some((sock, rx)), Some(w)) = (wan_driver, &cfg.wan) {

@@ -471,6 +471,51 @@ async fn catalog_and_health_sort_by_rtt_with_near() {
     let (_, _, body) = call(a, "GET", "/v1/catalog/service/web?near=_agent", b"").await;
     assert_eq!(names(&body, &["Node"]), ["n1", "n3", "n2", "n4"]);
 
+    // A prepared query with `Near: "_ip"`: the node whose address is the
+    // caller's (the first X-Forwarded-For entry, else the connection's
+    // peer) is the source; critical instances are left out.
+    let (st, _, got) = call(
+        a,
+        "POST",
+        "/v1/query",
+        br#"{"Name":"webq","Service":{"Service":"web","Near":"_ip"}}"#,
+    )
+    .await;
+    assert_eq!(st, 200, "{got}");
+    let execute = |xff: Option<&'static str>| async move {
+        let body = tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(a).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let extra = xff
+                .map(|ip| format!("X-Forwarded-For: {ip}, 192.0.2.9\r\n"))
+                .unwrap_or_default();
+            write!(
+                s,
+                "GET /v1/query/webq/execute HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out.split_once("\r\n\r\n").unwrap().1.to_string()
+        })
+        .await
+        .unwrap();
+        json(&body)["Nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["Node"]["Node"].as_str().unwrap().to_string())
+            .collect::<Vec<String>>()
+    };
+    for _ in 0..5 {
+        // From n1 (10.0.0.1, at 30 ms): n1, n2 (20 ms), n4 (no coordinate).
+        assert_eq!(execute(Some("10.0.0.1")).await, ["n1", "n2", "n4"]);
+        // From n2 (at 10 ms): n2, n1.
+        assert_eq!(execute(Some("10.0.0.2")).await, ["n2", "n1", "n4"]);
+        // No header: the peer, 127.0.0.1, is agent-0's address (at 25 ms).
+        assert_eq!(execute(None).await, ["n1", "n2", "n4"]);
+    }
+
     // A blocking health read (with the index health gave) wakes on a
     // deregistration.
     assert!(idx.is_some());

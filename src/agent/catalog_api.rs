@@ -36,7 +36,8 @@ fn has(p: &[(String, String)], k: &str) -> bool {
     p.iter().any(|(n, _)| n == k)
 }
 
-fn reply(v: &Value, index: u64) -> Response {
+/// A JSON answer with `X-Consul-Index` (never 0).
+pub(super) fn reply(v: &Value, index: u64) -> Response {
     let mut r = (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],

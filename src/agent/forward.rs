@@ -295,6 +295,15 @@ async fn call_of(node: Option<&str>, req: Request, last_hop: bool) -> Result<Htt
         .filter(|(k, _)| *k != axum::http::header::CONTENT_LENGTH)
         .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
         .collect();
+    // The caller's address, for a prepared query's `Near: "_ip"` (the
+    // first hop's; a proxy in front may have set it already).
+    if !parts.headers.contains_key("x-forwarded-for")
+        && let Some(axum::extract::ConnectInfo(peer)) = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        headers.push(("x-forwarded-for".into(), peer.ip().to_string().into_bytes()));
+    }
     // The agent that took the request, for a prepared query's
     // `Near: "_agent"` (the first hop's, kept on the next); not carried to
     // another datacenter, where that agent is not.

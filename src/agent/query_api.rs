@@ -30,14 +30,14 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
 use axum::routing::{get, post};
 use rand::seq::SliceRandom;
 use serde_json::{Value, json};
 
 use super::Shared;
-use super::catalog_api::{check_json, node_json, node_service_json};
+use super::catalog_api::{check_json, node_json, node_service_json, reply};
 use super::forward::Forwarder;
 use super::wire::{request, text};
 use crate::catalog::{Catalog, Command, Outcome};
@@ -64,18 +64,6 @@ type Params = Query<Vec<(String, String)>>;
 
 fn param<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
     p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
-}
-
-fn reply(v: &Value, index: u64) -> Response {
-    let mut r = (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        v.to_string(),
-    )
-        .into_response();
-    r.headers_mut()
-        .insert("X-Consul-Index", HeaderValue::from(index.max(1)));
-    r
 }
 
 fn bad(msg: impl std::fmt::Display) -> Response {
@@ -270,8 +258,15 @@ struct RemoteRun {
 impl QueryApi {
     /// The source node of the distance sort: `?near`, else the query's
     /// `Near`; `_agent` is the agent that took the request, `_ip` the node
-    /// whose address is the caller's (`X-Forwarded-For`).
-    fn source(&self, q: &PreparedQuery, p: &[(String, String)], h: &HeaderMap) -> Option<String> {
+    /// whose address is the caller's (the first `X-Forwarded-For` entry,
+    /// else the connection's peer).
+    fn source(
+        &self,
+        q: &PreparedQuery,
+        p: &[(String, String)],
+        h: &HeaderMap,
+        peer: Option<std::net::IpAddr>,
+    ) -> Option<String> {
         let near = param(p, "near")
             .filter(|n| !n.is_empty())
             .unwrap_or(&q.service.near);
@@ -288,7 +283,9 @@ impl QueryApi {
                     .get("x-forwarded-for")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.split(',').next())
-                    .map(|v| v.trim().to_string())?;
+                    .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok())
+                    .or(peer)?
+                    .to_string();
                 self.server
                     .read(|c| c.nodes().find(|n| n.address == ip).map(|n| n.name.clone()))
             }
@@ -373,7 +370,11 @@ async fn execute(
     Path(id): Path<String>,
     Query(p): Params,
     headers: HeaderMap,
+    ext: axum::http::Extensions,
 ) -> Response {
+    let peer = ext
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
     let (q, index) = match resolve(&api, &id) {
         Ok(x) => x,
         Err(r) => return r,
@@ -453,7 +454,7 @@ async fn execute(
         }
         _ => {
             let mut nodes = local.nodes;
-            let source = api.source(&q, &p, &headers);
+            let source = api.source(&q, &p, &headers, peer);
             api.order(&mut nodes, source.as_deref());
             if limit > 0 {
                 nodes.truncate(limit);

@@ -114,28 +114,6 @@ fn json_reply(v: &Value, index: u64) -> Response {
     r
 }
 
-/// Go's `Duration.String()` for whole and fractional seconds (`30s`,
-/// `1m30s`, `1.5s`): how Consul shows a session TTL.
-fn go_duration_string(d: Duration) -> String {
-    let secs = d.as_secs();
-    let frac = d.subsec_nanos();
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    let mut out = String::new();
-    if h > 0 {
-        out += &format!("{h}h");
-    }
-    if h > 0 || m > 0 {
-        out += &format!("{m}m");
-    }
-    if frac == 0 {
-        out += &format!("{s}s");
-    } else {
-        let f = format!("{:09}", frac);
-        out += &format!("{s}.{}s", f.trim_end_matches('0'));
-    }
-    out
-}
-
 /// A session as Consul shows it.
 fn session_json(s: &Session) -> Value {
     json!({
@@ -147,7 +125,7 @@ fn session_json(s: &Session) -> Value {
             Behavior::Release => "release",
             Behavior::Delete => "delete",
         },
-        "TTL": s.ttl.map(go_duration_string).unwrap_or_default(),
+        "TTL": s.ttl.map(crate::query::format_go_duration).unwrap_or_default(),
         "NodeChecks": s.checks,
         "ServiceChecks": Value::Null,
         "CreateIndex": s.create_index,
@@ -223,7 +201,7 @@ pub async fn create(State(st): State<Arc<Sessions>>, body: Bytes) -> Response {
                     &format!(
                         "Invalid Session TTL '{}', must be between [{}=24h0m0s]",
                         d.as_nanos(),
-                        go_duration_string(st.ttl_min)
+                        crate::query::format_go_duration(st.ttl_min)
                     ),
                 );
             }
@@ -377,10 +355,22 @@ mod tests {
 
     #[test]
     fn ttls_print_as_go_does_and_ids_are_uuids() {
-        assert_eq!(go_duration_string(Duration::from_secs(30)), "30s");
-        assert_eq!(go_duration_string(Duration::from_secs(90)), "1m30s");
-        assert_eq!(go_duration_string(Duration::from_secs(3600)), "1h0m0s");
-        assert_eq!(go_duration_string(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(
+            crate::query::format_go_duration(Duration::from_secs(30)),
+            "30s"
+        );
+        assert_eq!(
+            crate::query::format_go_duration(Duration::from_secs(90)),
+            "1m30s"
+        );
+        assert_eq!(
+            crate::query::format_go_duration(Duration::from_secs(3600)),
+            "1h0m0s"
+        );
+        assert_eq!(
+            crate::query::format_go_duration(Duration::from_millis(1500)),
+            "1.5s"
+        );
         let id = uuid();
         assert_eq!(id.len(), 36);
         assert_eq!(id.as_bytes()[14], b'4');
