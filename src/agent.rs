@@ -275,6 +275,20 @@ impl Shared {
         self.changed.notify_waiters();
     }
 
+    /// Every LAN coordinate this agent knows, by node, its own included
+    /// even before it has published one (a lone agent never does): what
+    /// `?near=`, prepared queries and DNS sort by.
+    pub fn lan_coordinates(&self) -> HashMap<String, crate::vivaldi::Coordinate> {
+        let g = self.gossip.lock().expect("not poisoned");
+        let mut all: HashMap<String, crate::vivaldi::Coordinate> = g
+            .table()
+            .map(|(n, e)| (n.to_string(), e.coordinate.clone()))
+            .collect();
+        all.entry(self.node.clone())
+            .or_insert_with(|| g.engine().coordinate().clone());
+        all
+    }
+
     /// The gossip core of `pool` (`None`: the WAN pool of a client).
     pub fn pool(&self, pool: Pool) -> Option<&Mutex<Gossip>> {
         match pool {

@@ -85,7 +85,7 @@ fn tagged(n: &Node) -> std::collections::BTreeMap<String, String> {
     t
 }
 
-pub(super) fn node_json(n: &Node) -> Value {
+fn node_json(n: &Node) -> Value {
     json!({
         "ID": n.id,
         "Node": n.name,
@@ -98,7 +98,7 @@ pub(super) fn node_json(n: &Node) -> Value {
     })
 }
 
-pub(super) fn node_service_json(s: &Service) -> Value {
+fn node_service_json(s: &Service) -> Value {
     json!({
         "ID": s.id,
         "Service": s.name,
@@ -135,7 +135,7 @@ fn service_node_json(n: &Node, s: &Service) -> Value {
     })
 }
 
-pub(super) fn check_json(c: &Catalog, node: &str, k: &Check) -> Value {
+fn check_json(c: &Catalog, node: &str, k: &Check) -> Value {
     let svc = (!k.service_id.is_empty())
         .then(|| c.node_services(node).find(|s| s.id == k.service_id))
         .flatten();
@@ -158,6 +158,22 @@ pub(super) fn check_json(c: &Catalog, node: &str, k: &Check) -> Value {
     })
 }
 
+/// One `CheckServiceNode` (health and prepared-query answers): the node,
+/// the instance and the checks that judge it.
+pub(super) fn check_service_node_json<'a>(
+    c: &Catalog,
+    n: &Node,
+    s: &Service,
+    checks: impl Iterator<Item = &'a Check>,
+) -> Value {
+    let checks: Vec<Value> = checks.map(|k| check_json(c, &n.name, k)).collect();
+    json!({
+        "Node": node_json(n),
+        "Service": node_service_json(s),
+        "Checks": checks,
+    })
+}
+
 impl CatalogApi {
     /// The coordinates `?near=` sorts by: the source's and a lookup for
     /// every node (`None` without `near` or when the source has none).
@@ -171,15 +187,7 @@ impl CatalogApi {
         } else {
             near
         };
-        let g = self.agent.gossip.lock().expect("not poisoned");
-        let mut all: HashMap<String, Coordinate> = g
-            .table()
-            .map(|(n, e)| (n.to_string(), e.coordinate.clone()))
-            .collect();
-        // This agent's own coordinate, even before it has published one
-        // (a lone agent never does).
-        all.entry(self.agent.node.clone())
-            .or_insert_with(|| g.engine().coordinate().clone());
+        let all = self.agent.lan_coordinates();
         let from = all.get(source)?.clone();
         Some((from, all))
     }
@@ -461,16 +469,10 @@ pub async fn health_service(
             .into_iter()
             .filter(|(n, s)| !passing || c.instance_health(&n.name, &s.id) == Health::Passing)
             .map(|(n, s)| {
-                let checks: Vec<Value> = c
+                let checks = c
                     .node_checks(&n.name)
-                    .filter(|k| k.service_id.is_empty() || k.service_id == s.id)
-                    .map(|k| check_json(c, &n.name, k))
-                    .collect();
-                let v = json!({
-                    "Node": node_json(&n),
-                    "Service": node_service_json(&s),
-                    "Checks": checks,
-                });
+                    .filter(|k| k.service_id.is_empty() || k.service_id == s.id);
+                let v = check_service_node_json(c, &n, &s, checks);
                 (n.name, v)
             })
             .collect();

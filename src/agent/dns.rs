@@ -76,7 +76,6 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 use super::Shared;
-use crate::vivaldi::Coordinate;
 
 /// The largest UDP answer tomo sends, whatever EDNS size a client offers
 /// (larger datagrams fragment, and fragments get lost).
@@ -733,22 +732,17 @@ impl Handler {
     /// The estimated RTT (seconds) from this agent to each node (its own
     /// node 0, unknown +∞): the LAN coordinate table, as `?near=_agent`.
     fn rtts(&self, nodes: &[&str]) -> Vec<f64> {
-        let g = self.shared.gossip.lock().expect("not poisoned");
+        let all = self.shared.lan_coordinates();
         let me = &self.shared.node;
-        let from: Coordinate = g
-            .table_entry(me)
-            .map(|e| e.coordinate.clone())
-            .unwrap_or_else(|| g.engine().coordinate().clone());
+        let from = &all[me];
         nodes
             .iter()
             .map(|n| {
                 if *n == me.as_str() {
                     return 0.0;
                 }
-                match g.table_entry(n) {
-                    Some(e) if e.coordinate.vec.len() == from.vec.len() => {
-                        from.distance_to(&e.coordinate)
-                    }
+                match all.get(*n) {
+                    Some(c) if c.vec.len() == from.vec.len() => from.distance_to(c),
                     _ => f64::INFINITY,
                 }
             })

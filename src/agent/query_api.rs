@@ -37,7 +37,7 @@ use rand::seq::SliceRandom;
 use serde_json::{Value, json};
 
 use super::Shared;
-use super::catalog_api::{check_json, node_json, node_service_json, reply};
+use super::catalog_api::{check_service_node_json, reply};
 use super::forward::Forwarder;
 use super::wire::{request, text};
 use crate::catalog::{Catalog, Command, Outcome};
@@ -201,16 +201,7 @@ fn run_local(c: &Catalog, s: &ServiceQuery) -> LocalRun {
         .instances(c)
         .into_iter()
         .map(|i| {
-            let checks: Vec<Value> = i
-                .checks
-                .iter()
-                .map(|k| check_json(c, &i.node.name, k))
-                .collect();
-            let v = json!({
-                "Node": node_json(i.node),
-                "Service": node_service_json(i.service),
-                "Checks": checks,
-            });
+            let v = check_service_node_json(c, i.node, i.service, i.checks.iter().copied());
             (i.node.name.clone(), v)
         })
         .collect();
@@ -299,16 +290,7 @@ impl QueryApi {
     fn order(&self, nodes: &mut [(String, Value)], source: Option<&str>) {
         nodes.shuffle(&mut rand::rng());
         let Some(source) = source else { return };
-        let coords: HashMap<String, crate::vivaldi::Coordinate> = {
-            let g = self.agent.gossip.lock().expect("not poisoned");
-            let mut all: HashMap<String, crate::vivaldi::Coordinate> = g
-                .table()
-                .map(|(n, e)| (n.to_string(), e.coordinate.clone()))
-                .collect();
-            all.entry(self.agent.node.clone())
-                .or_insert_with(|| g.engine().coordinate().clone());
-            all
-        };
+        let coords = self.agent.lan_coordinates();
         let Some(from) = coords.get(source) else {
             return;
         };
