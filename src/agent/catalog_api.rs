@@ -28,7 +28,8 @@ pub struct CatalogApi {
 
 type Params = Query<Vec<(String, String)>>;
 
-fn param<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
+/// The first value of query parameter `k`.
+pub(super) fn param<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
     p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
 }
 

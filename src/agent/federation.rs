@@ -80,13 +80,6 @@ pub fn wan_servers(shared: &Shared) -> Vec<WanServer> {
     v
 }
 
-/// This server's WAN coordinate (`None` on a client agent).
-pub fn wan_coordinate(shared: &Shared) -> Option<Coordinate> {
-    let wan = shared.wan.as_ref()?;
-    let g = wan.gossip.lock().expect("not poisoned");
-    Some(g.engine().coordinate().clone())
-}
-
 /// Every known datacenter with its estimated RTT (seconds) from this
 /// server, nearest first (`/v1/catalog/datacenters`, the `NearestN`
 /// failover order): Consul's rule (the upper median over each
@@ -187,8 +180,10 @@ pub fn datacenter_estimate(shared: &Shared, dc: &str) -> Option<Estimate> {
 /// The RPC addresses of `dc`'s live servers, nearest (WAN coordinate)
 /// first.
 pub fn servers_of(shared: &Shared, dc: &str) -> Vec<SocketAddr> {
-    let me = wan_coordinate(shared);
-    let mut v: Vec<(f64, SocketAddr)> = wan_servers(shared)
+    let servers = wan_servers(shared);
+    // The first entry is this server, with its own coordinate.
+    let me = servers.first().and_then(|s| s.coord.clone());
+    let mut v: Vec<(f64, SocketAddr)> = servers
         .into_iter()
         .filter(|s| s.alive && s.datacenter.eq_ignore_ascii_case(dc))
         .filter_map(|s| {

@@ -150,20 +150,32 @@ impl Forwarder {
                 &ForwardError::NoServers.to_string(),
             );
         }
+        match self.first_answer(&servers, &call).await {
+            Ok((addr, r)) => {
+                *self.preferred.lock().expect("not poisoned") = Some(addr);
+                r
+            }
+            Err(r) => r,
+        }
+    }
+
+    /// Sends `call` to each of `servers` in turn until one takes it: only
+    /// a server that refused the connection (never got the request) is
+    /// safe to pass over, since a write may have been applied.
+    async fn first_answer(
+        &self,
+        servers: &[SocketAddr],
+        call: &HttpCall,
+    ) -> Result<(SocketAddr, Response), Response> {
         let mut last = String::new();
-        for addr in servers {
-            match self.send(addr, &call).await {
-                Ok(r) => {
-                    *self.preferred.lock().expect("not poisoned") = Some(addr);
-                    return r;
-                }
-                // Only a server that never got the request is safe to try
-                // the next one for (a write may have been applied).
+        for &addr in servers {
+            match self.send(addr, call).await {
+                Ok(r) => return Ok((addr, r)),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => last = e.to_string(),
-                Err(e) => return rpc_error(&e.to_string()),
+                Err(e) => return Err(rpc_error(&e.to_string())),
             }
         }
-        rpc_error(&last)
+        Err(rpc_error(&last))
     }
 
     /// Carries `req` to datacenter `dc`: from a client agent, to a server
@@ -185,15 +197,9 @@ impl Forwarder {
         };
         call.headers
             .push((super::federation::CROSSED_HEADER.to_string(), b"1".to_vec()));
-        let mut last = String::new();
-        for addr in servers {
-            match self.send(addr, &call).await {
-                Ok(r) => return r,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => last = e.to_string(),
-                Err(e) => return rpc_error(&e.to_string()),
-            }
+        match self.first_answer(&servers, &call).await {
+            Ok((_, r)) | Err(r) => r,
         }
-        rpc_error(&last)
     }
 
     /// Sends a request to the server at `addr` and turns its answer into a

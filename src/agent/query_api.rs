@@ -37,11 +37,11 @@ use rand::seq::SliceRandom;
 use serde_json::{Value, json};
 
 use super::Shared;
-use super::catalog_api::{check_service_node_json, reply};
+use super::catalog_api::{check_service_node_json, param, reply};
 use super::forward::Forwarder;
 use super::wire::{request, text};
 use crate::catalog::{Catalog, Command, Outcome};
-use crate::query::{PreparedQuery, ServiceQuery};
+use crate::query::{LocalHealth, PreparedQuery, ServiceQuery};
 use crate::routing::{Chooser, FailoverPolicy, Hysteresis};
 use crate::server::Server;
 
@@ -62,18 +62,16 @@ pub struct QueryApi {
 
 type Params = Query<Vec<(String, String)>>;
 
-fn param<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
-    p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
-}
-
 fn bad(msg: impl std::fmt::Display) -> Response {
     text(StatusCode::BAD_REQUEST, &msg.to_string())
 }
 
-fn parse_body(body: &Bytes) -> Result<PreparedQuery, Response> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| bad(format!("Request decode failed: {e}")))?;
-    PreparedQuery::from_json(&v).map_err(|e| bad(format!("Invalid prepared query: {e}")))
+fn parse_body(body: &Bytes) -> Result<Value, Response> {
+    serde_json::from_slice(body).map_err(|e| bad(format!("Request decode failed: {e}")))
+}
+
+fn parse_def(v: &Value) -> Result<PreparedQuery, Response> {
+    PreparedQuery::from_json(v).map_err(|e| bad(format!("Invalid prepared query: {e}")))
 }
 
 /// Fail-back states kept at most (names reach a template from callers).
@@ -104,7 +102,7 @@ impl QueryApi {
 
 /// `POST /v1/query`: `{"ID": …}`.
 async fn create(State(api): State<Arc<QueryApi>>, body: Bytes) -> Response {
-    let mut q = match parse_body(&body) {
+    let mut q = match parse_body(&body).and_then(|v| parse_def(&v)) {
         Ok(q) => q,
         Err(r) => return r,
     };
@@ -141,7 +139,7 @@ async fn read(State(api): State<Arc<QueryApi>>, Path(id): Path<String>) -> Respo
 
 /// `PUT /v1/query/:id`: the body replaces the whole definition.
 async fn update(State(api): State<Arc<QueryApi>>, Path(id): Path<String>, body: Bytes) -> Response {
-    let mut q = match parse_body(&body) {
+    let mut q = match parse_body(&body).and_then(|v| parse_def(&v)) {
         Ok(q) => q,
         Err(r) => return r,
     };
@@ -188,28 +186,31 @@ async fn explain(State(api): State<Arc<QueryApi>>, Path(id): Path<String>) -> Re
     }
 }
 
-/// One local run of a query: the instances as `CheckServiceNode` JSON
-/// with their node names, and the healthy fraction.
+/// One local run of a query: the healthy instances as `CheckServiceNode`
+/// JSON with their node names, and the healthy fraction.
 struct LocalRun {
     nodes: Vec<(String, Value)>,
-    healthy: usize,
-    total: usize,
+    health: LocalHealth,
 }
 
 fn run_local(c: &Catalog, s: &ServiceQuery) -> LocalRun {
-    let nodes = s
-        .instances(c)
+    // One scan: every candidate counts, the healthy ones are answered.
+    let all = s.candidates(c);
+    let total = all.len();
+    let nodes: Vec<(String, Value)> = all
         .into_iter()
+        .filter(|i| s.passes_health(&i.checks))
         .map(|i| {
             let v = check_service_node_json(c, i.node, i.service, i.checks.iter().copied());
             (i.node.name.clone(), v)
         })
         .collect();
-    let h = s.local_health(c);
     LocalRun {
+        health: LocalHealth {
+            healthy: nodes.len(),
+            total,
+        },
         nodes,
-        healthy: h.healthy,
-        total: h.total,
     }
 }
 
@@ -367,11 +368,7 @@ async fn execute(
     };
     let local = api.server.read(|c| run_local(c, &q.service));
     let policy = api.policy(&q);
-    let local_fraction = if local.total == 0 {
-        0.0
-    } else {
-        local.healthy as f64 / local.total as f64
-    };
+    let local_fraction = local.health.fraction();
     let here = &api.agent.datacenter;
     let ordering = super::federation::datacenters_by_distance(&api.agent);
     let candidates = policy.candidates(here, &ordering, |dc| {
@@ -431,8 +428,9 @@ async fn execute(
     let mut r = match decision.datacenter.as_deref() {
         Some(dc) if dc != here.as_str() => {
             let nodes = remote.remove(dc).map(|r| r.nodes).unwrap_or_default();
-            let failovers = candidates.iter().position(|c| c == dc).map_or(0, |i| i + 1);
-            reply(&answer(&q, dc, nodes, failovers), index)
+            // The rank among local-then-candidates: Consul's count of
+            // remote datacenters tried, the one that answered included.
+            reply(&answer(&q, dc, nodes, decision.rank), index)
         }
         _ => {
             let mut nodes = local.nodes;
@@ -456,13 +454,9 @@ async fn execute(
 /// runs the definition sent whole, shuffled and limited, and reports the
 /// healthy fraction for the caller's failover decision.
 async fn execute_remote(State(api): State<Arc<QueryApi>>, body: Bytes) -> Response {
-    let v: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return bad(format!("Request decode failed: {e}")),
-    };
-    let q = match PreparedQuery::from_json(&v["Query"]) {
-        Ok(q) => q,
-        Err(e) => return bad(format!("Invalid prepared query: {e}")),
+    let (v, q) = match parse_body(&body).and_then(|v| Ok((parse_def(&v["Query"])?, v))) {
+        Ok((q, v)) => (v, q),
+        Err(r) => return r,
     };
     let limit = v["Limit"].as_u64().unwrap_or(0) as usize;
     let run = api.server.read(|c| run_local(c, &q.service));
@@ -471,11 +465,7 @@ async fn execute_remote(State(api): State<Arc<QueryApi>>, body: Bytes) -> Respon
     if limit > 0 {
         nodes.truncate(limit);
     }
-    let fraction = if run.total == 0 {
-        0.0
-    } else {
-        run.healthy as f64 / run.total as f64
-    };
+    let fraction = run.health.fraction();
     let mut a = answer(
         &q,
         &api.agent.datacenter,

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use serde_json::{Value, json};
 
 use super::kv::parse_go_duration;
@@ -102,18 +102,6 @@ impl Sessions {
     }
 }
 
-fn json_reply(v: &Value, index: u64) -> Response {
-    let mut r = (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        v.to_string(),
-    )
-        .into_response();
-    r.headers_mut()
-        .insert("X-Consul-Index", HeaderValue::from(index.max(1)));
-    r
-}
-
 /// A session as Consul shows it.
 fn session_json(s: &Session) -> Value {
     json!({
@@ -135,17 +123,7 @@ fn session_json(s: &Session) -> Value {
 
 /// A random UUID (version 4) for a new session.
 fn uuid() -> String {
-    let b: [u8; 16] = rand::random();
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-4{}-{:x}{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[13..16],
-        (b[8] & 0x3) | 0x8,
-        &h[17..20],
-        &h[20..32]
-    )
+    crate::query::uuid_v4(rand::random())
 }
 
 /// `LockDelay`: a Go duration string or a number of nanoseconds; under
@@ -251,7 +229,7 @@ pub async fn create(State(st): State<Arc<Sessions>>, body: Bytes) -> Response {
                     .expect("not poisoned")
                     .insert(id.clone(), (t, Instant::now() + 2 * t));
             }
-            json_reply(&json!({ "ID": id }), st.server.applied())
+            super::catalog_api::reply(&json!({ "ID": id }), st.server.applied())
         }
         Ok(Ok(other)) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -270,7 +248,7 @@ pub async fn destroy(State(st): State<Arc<Sessions>>, Path(id): Path<String>) ->
         .write(request(Command::SessionDestroy { id }))
         .await
     {
-        Ok(_) => json_reply(&json!(true), st.server.applied()),
+        Ok(_) => super::catalog_api::reply(&json!(true), st.server.applied()),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
@@ -291,7 +269,7 @@ pub async fn renew(State(st): State<Arc<Sessions>>, Path(id): Path<String>) -> R
             .expect("not poisoned")
             .insert(id, (t, Instant::now() + 2 * t));
     }
-    json_reply(&json!([session_json(&s)]), st.server.applied())
+    super::catalog_api::reply(&json!([session_json(&s)]), st.server.applied())
 }
 
 /// `GET /v1/session/info/:id`: `[session]`, or `[]` when unknown.
@@ -305,7 +283,7 @@ pub async fn info(State(st): State<Arc<Sessions>>, Path(id): Path<String>) -> Re
             c.indexes().sessions,
         )
     });
-    json_reply(&Value::Array(list), index)
+    super::catalog_api::reply(&Value::Array(list), index)
 }
 
 /// `GET /v1/session/node/:node`.
@@ -319,7 +297,7 @@ pub async fn node(State(st): State<Arc<Sessions>>, Path(node): Path<String>) -> 
             c.indexes().sessions,
         )
     });
-    json_reply(&Value::Array(list), index)
+    super::catalog_api::reply(&Value::Array(list), index)
 }
 
 /// `GET /v1/session/list`.
@@ -333,7 +311,7 @@ pub async fn list(
             c.indexes().sessions,
         )
     });
-    json_reply(&Value::Array(list), index)
+    super::catalog_api::reply(&Value::Array(list), index)
 }
 
 /// The session routes.
