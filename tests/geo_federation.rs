@@ -223,6 +223,21 @@ async fn datacenters_federate_over_the_wan_pool() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Servers carry Consul's `role=consul` tag and say they are servers.
+    let (_, body) = call(fed.http(0, 0), "GET", "/v1/agent/members?wan", b"").await;
+    assert!(
+        json(&body)
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["Tags"]["role"] == "consul"),
+        "{body}"
+    );
+    let (_, body) = call(fed.http(0, 0), "GET", "/v1/agent/self", b"").await;
+    assert_eq!(json(&body)["Config"]["Server"], true);
+    let (_, body) = call(fed.http(0, 1), "GET", "/v1/agent/self", b"").await;
+    assert_eq!(json(&body)["Config"]["Server"], false);
+    assert_eq!(json(&body)["Member"]["Tags"]["role"], "node");
     // A client agent is in no WAN pool: Consul answers an empty list.
     let (_, body) = call(fed.http(0, 1), "GET", "/v1/agent/members?wan", b"").await;
     assert_eq!(json(&body), serde_json::json!([]));

@@ -79,12 +79,19 @@ fn text(status: StatusCode, msg: &str) -> Response {
 }
 
 /// A member entry as `/v1/agent/members` shows it.
-fn member(name: &str, addr: SocketAddr, dc: &str, status: u8) -> Value {
+fn member(id: &crate::gossip::Id, dc: &str, status: u8) -> Value {
+    let (name, addr) = (&id.name, id.addr);
+    // Consul's `role` tag: `consul` for servers, `node` for client agents.
+    let role = if id.server.is_some() {
+        "consul"
+    } else {
+        "node"
+    };
     json!({
         "Name": name,
         "Addr": addr.ip().to_string(),
         "Port": addr.port(),
-        "Tags": {"dc": dc, "role": "node", "port": addr.port().to_string(), "vsn": "2", "build": concat!("tomo:", env!("CARGO_PKG_VERSION"))},
+        "Tags": {"dc": dc, "role": role, "port": addr.port().to_string(), "vsn": "2", "build": concat!("tomo:", env!("CARGO_PKG_VERSION"))},
         // 1 alive (suspects included, as Consul shows them), 4 failed.
         "Status": status,
         "ProtocolMin": 1, "ProtocolMax": 5, "ProtocolCur": 2,
@@ -93,9 +100,13 @@ fn member(name: &str, addr: SocketAddr, dc: &str, status: u8) -> Value {
 }
 
 async fn agent_self(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {
-    let (coord, stats) = {
+    let (coord, stats, me) = {
         let g = s.gossip.lock().expect("not poisoned");
-        (g.engine().published().clone(), g.stats())
+        (
+            g.engine().published().clone(),
+            g.stats(),
+            g.identity().clone(),
+        )
     };
     let v = json!({
         "Config": {
@@ -104,13 +115,13 @@ async fn agent_self(State(s): State<Arc<Shared>>, Query(p): Params) -> Response 
             "NodeName": s.node,
             "NodeID": "",
             "Revision": "",
-            "Server": false,
+            "Server": me.server.is_some(),
             "Version": env!("CARGO_PKG_VERSION"),
             "BuildDate": "",
         },
         "DebugConfig": {},
         "Coord": coord,
-        "Member": member(&s.node, s.gossip_addr, &s.datacenter, 1),
+        "Member": member(&me, &s.datacenter, 1),
                 "Stats": {"tomo": {"uptime_s": s.started.elapsed().as_secs()}, "gossip": stats},
         "Meta": {},
     });
@@ -163,7 +174,7 @@ async fn members(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {
                     s.datacenter.clone()
                 }
             };
-            let mut v = vec![member(&me.name, me.addr, &s.datacenter, 1)];
+            let mut v = vec![member(me, &s.datacenter, 1)];
             let mut others = g.membership();
             others.sort_by(|a, b| a.0.name.cmp(&b.0.name));
             for (id, state) in others {
@@ -173,7 +184,7 @@ async fn members(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {
                     foca::State::Down => 4,
                     _ => 1,
                 };
-                v.push(member(&id.name, id.addr, &dc_of(&id.name), status));
+                v.push(member(&id, &dc_of(&id.name), status));
             }
             v
         }
