@@ -596,6 +596,16 @@ struct Entry {
     additionals: Vec<Record>,
 }
 
+impl From<Record> for Entry {
+    /// One record with nothing in the additional section.
+    fn from(r: Record) -> Self {
+        Entry {
+            answers: vec![r],
+            additionals: Vec::new(),
+        }
+    }
+}
+
 /// What a lookup found.
 enum Outcome {
     /// The name exists: its records of the asked type (maybe none).
@@ -846,10 +856,7 @@ impl Handler {
         let address = n["Address"].as_str().unwrap_or("");
         let mut entries = Vec::new();
         if let Some(r) = address_record(&q.name, address, q.qtype, ttl) {
-            entries.push(Entry {
-                answers: vec![r],
-                additionals: Vec::new(),
-            });
+            entries.push(Entry::from(r));
         }
         if q.qtype == RecordType::TXT {
             // Node metadata as RFC 1464 `key=value`; Consul's `rfc1035-`
@@ -861,14 +868,11 @@ impl Handler {
                 } else {
                     format!("{k}={val}")
                 };
-                entries.push(Entry {
-                    answers: vec![Record::from_rdata(
-                        q.name.clone(),
-                        ttl,
-                        RData::TXT(TXT::new(vec![txt])),
-                    )],
-                    additionals: Vec::new(),
-                });
+                entries.push(Entry::from(Record::from_rdata(
+                    q.name.clone(),
+                    ttl,
+                    RData::TXT(TXT::new(vec![txt])),
+                )));
             }
         }
         Outcome::Found(entries)
@@ -908,10 +912,7 @@ impl Handler {
                         continue;
                     }
                     if let Some(r) = address_record(&q.name, addr, q.qtype, ttl) {
-                        out.push(Entry {
-                            answers: vec![r],
-                            additionals: Vec::new(),
-                        });
+                        out.push(Entry::from(r));
                     }
                 }
             }
@@ -969,10 +970,7 @@ impl Handler {
             Lookup::Query { query, dc } => self.query(&query, &dc, q, src).await,
             Lookup::Addr { ip } => {
                 let ttl = ttl_secs(self.cfg.node_ttl);
-                let e = address_record(&q.name, &ip.to_string(), q.qtype, ttl).map(|r| Entry {
-                    answers: vec![r],
-                    additionals: Vec::new(),
-                });
+                let e = address_record(&q.name, &ip.to_string(), q.qtype, ttl).map(Entry::from);
                 Outcome::Found(e.into_iter().collect())
             }
         };

@@ -122,16 +122,13 @@ pub fn datacenters_by_distance(shared: &Shared) -> Vec<(String, f64)> {
     // Failed servers are left out of a datacenter's median while any of
     // its servers is up (half of them down must not make it look
     // unreachable); one with no live server at all comes last.
-    let live: std::collections::HashSet<&str> = rtts
+    let live: std::collections::HashSet<String> = rtts
         .iter()
         .filter(|(_, r)| r.is_some())
-        .map(|(dc, _)| dc.as_str())
+        .map(|(dc, _)| dc.clone())
         .collect();
-    let rtts: Vec<&(String, Option<f64>)> = rtts
-        .iter()
-        .filter(|(dc, r)| r.is_some() || !live.contains(dc.as_str()))
-        .collect();
-    let rtts: Vec<(&str, Option<f64>)> = rtts.iter().map(|(dc, r)| (dc.as_str(), *r)).collect();
+    let mut rtts = rtts;
+    rtts.retain(|(dc, r)| r.is_some() || !live.contains(dc));
     crate::routing::order_datacenters(&shared.datacenter, &rtts)
 }
 

@@ -154,12 +154,8 @@ async fn members(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {
     }
     // `?wan`: the WAN pool (servers of every datacenter, named
     // `<node>.<datacenter>`); empty on a client agent, as in Consul.
-    let wan = p.contains_key("wan");
-    let pool = if wan {
-        super::Pool::Wan
-    } else {
-        super::Pool::Lan
-    };
+    let pool = pool_of(&p);
+    let wan = pool == super::Pool::Wan;
     let list: Vec<Value> = match s.pool(pool) {
         None => Vec::new(),
         Some(g) => {
@@ -192,6 +188,15 @@ async fn members(State(s): State<Arc<Shared>>, Query(p): Params) -> Response {
     json_reply(&s, &p, &list)
 }
 
+/// `?wan` (presence) names the WAN pool, as in Consul.
+fn pool_of(p: &HashMap<String, String>) -> super::Pool {
+    if p.contains_key("wan") {
+        super::Pool::Wan
+    } else {
+        super::Pool::Lan
+    }
+}
+
 /// `PUT /v1/agent/join/:address`, with `?wan` (presence) the WAN pool.
 async fn join(
     State(s): State<Arc<Shared>>,
@@ -204,11 +209,7 @@ async fn join(
             &format!("Invalid address {address:?}: want host:port"),
         );
     };
-    let pool = if p.contains_key("wan") {
-        super::Pool::Wan
-    } else {
-        super::Pool::Lan
-    };
+    let pool = pool_of(&p);
     match s.join(pool, addr).await {
         Ok(()) => StatusCode::OK.into_response(),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),

@@ -14,7 +14,6 @@ use super::{apply_sets, load_matrix, progress_bar, sibling_labels};
 use crate::dataset::{self, GeoOptions, Matrix, Synthetic};
 use crate::routing::{FailoverPolicy, Hysteresis};
 use crate::sim::failover::{FailoverConfig, FailoverReport, FailoverSim, Outage};
-use crate::sim::gossip::parse_duration;
 use crate::vivaldi::{self, Profile};
 
 /// `tomo sim-failover` arguments. Times take units (`90s`, `30m`, `1h`);
@@ -137,8 +136,7 @@ pub struct FailoverArgs {
 
 /// Whole seconds (= rounds) of a duration flag.
 fn secs(flag: &str, s: &str) -> Result<usize> {
-    let d = parse_duration(s).with_context(|| format!("--{flag}"))?;
-    Ok(d.as_secs_f64().round() as usize)
+    Ok(super::duration_arg(flag, s)?.as_secs_f64().round() as usize)
 }
 
 /// `1`, `1,2,3` or `1..5` (inclusive).
