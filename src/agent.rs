@@ -26,6 +26,7 @@ pub mod rtt;
 pub mod services;
 pub mod session;
 pub mod status;
+pub mod watch;
 pub mod wire;
 
 use std::cmp::Reverse;

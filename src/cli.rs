@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 mod agent_cmd;
 mod bench_cmd;
+mod watch_bench;
 mod failover_cmd;
 
 use crate::dataset::{self, Format, GeoOptions, Matrix, Series, Synthetic};
@@ -47,6 +48,11 @@ enum BenchCmd {
     /// 3-member etcd cluster on loopback, driven the same way; prints one
     /// JSON line with both and their ratio.
     Kv(bench_cmd::KvBenchArgs),
+    /// Many blocking queries on `/v1/health/service/<s>?near=_agent` held
+    /// against one agent: memory per watcher, the time from a change to
+    /// every watcher's answer, and wake-ups without a change; prints one
+    /// JSON line.
+    Watchers(watch_bench::WatchBenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -291,6 +297,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plot(p) => Ok(crate::plot::run(&p)?),
         Command::Agent(a) => agent_cmd::agent(*a),
         Command::Bench(BenchCmd::Kv(a)) => bench_cmd::kv(a),
+        Command::Bench(BenchCmd::Watchers(a)) => watch_bench::watchers(a),
         Command::Demo(d) => agent_cmd::demo(d),
         Command::Members(c) => agent_cmd::members(&c),
         Command::Rtt {

@@ -24,6 +24,8 @@ use crate::vivaldi::Coordinate;
 pub struct CatalogApi {
     server: Arc<Server>,
     agent: Arc<Shared>,
+    /// Service and health reads, shared by their watchers.
+    watches: super::watch::Watches,
 }
 
 type Params = Query<Vec<(String, String)>>;
@@ -39,10 +41,15 @@ fn has(p: &[(String, String)], k: &str) -> bool {
 
 /// A JSON answer with `X-Consul-Index` (never 0).
 pub(super) fn reply(v: &Value, index: u64) -> Response {
+    reply_body(Bytes::from(v.to_string()), index)
+}
+
+/// An already serialized JSON answer with `X-Consul-Index` (never 0).
+fn reply_body(body: Bytes, index: u64) -> Response {
     let mut r = (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
-        v.to_string(),
+        body,
     )
         .into_response();
     let h = r.headers_mut();
@@ -209,6 +216,36 @@ impl CatalogApi {
 }
 
 impl CatalogApi {
+    /// A read of `(node, entry)` pairs through [`super::watch::Watches`]:
+    /// rendered once per index for every caller, blocking until the
+    /// answer changes, sorted by `?near=` once per source.
+    async fn shared_read(
+        &self,
+        endpoint: &str,
+        name: &str,
+        p: &[(String, String)],
+        index_of: impl Fn(&Catalog) -> u64,
+        render: impl Fn(&Catalog) -> Vec<(String, Value)>,
+    ) -> Response {
+        let blocking = match super::wire::blocking(param(p, "index"), param(p, "wait")) {
+            Err(e) => return text(StatusCode::BAD_REQUEST, e),
+            Ok(b) => b,
+        };
+        let key = super::watch::key(endpoint, name, p);
+        let r = self
+            .watches
+            .read(&self.server, key, blocking, index_of, render)
+            .await;
+        // Sorted bodies are shared by source; unsorted ones by "". (An
+        // unknown source sorts nothing and so shares its own body.)
+        let source = match param(p, "near") {
+            Some(n) if param(p, "dc").is_none_or(|dc| dc == self.agent.datacenter) => n,
+            _ => "",
+        };
+        let body = r.body(source, |items| self.sort_near(p, items, |(n, _)| n));
+        reply_body(body, r.index)
+    }
+
     /// Answers `(node, entry)` pairs as a JSON array, sorted by `?near=`.
     fn near_reply(
         &self,
@@ -412,17 +449,17 @@ pub async fn service(
     Path(name): Path<String>,
     Query(p): Params,
 ) -> Response {
-    if let Err(r) = block(&api.server, &p, service_index).await {
-        return r;
-    }
-    let (mut list, index) = api
-        .server
-        .read(|c| (instances(c, &name, &p), service_index(c)));
-    api.sort_near(&p, &mut list, |(n, _)| &n.name);
-    reply(
-        &Value::Array(list.iter().map(|(n, s)| service_node_json(n, s)).collect()),
-        index,
-    )
+    let render = |c: &Catalog| {
+        instances(c, &name, &p)
+            .into_iter()
+            .map(|(n, s)| {
+                let v = service_node_json(&n, &s);
+                (n.name, v)
+            })
+            .collect()
+    };
+    api.shared_read("catalog/service", &name, &p, service_index, render)
+        .await
 }
 
 /// `GET /v1/catalog/node/:node`: `null` for an unknown node.
@@ -460,13 +497,10 @@ pub async fn health_service(
     Path(name): Path<String>,
     Query(p): Params,
 ) -> Response {
-    if let Err(r) = block(&api.server, &p, health_index).await {
-        return r;
-    }
     let passing = has(&p, "passing")
         && param(&p, "passing").is_none_or(|v| !matches!(v, "0" | "false" | "False"));
-    let (list, index) = api.server.read(|c| {
-        let list: Vec<(String, Value)> = instances(c, &name, &p)
+    let render = |c: &Catalog| {
+        instances(c, &name, &p)
             .into_iter()
             .filter(|(n, s)| !passing || c.instance_health(&n.name, &s.id) == Health::Passing)
             .map(|(n, s)| {
@@ -476,10 +510,10 @@ pub async fn health_service(
                 let v = check_service_node_json(c, &n, &s, checks);
                 (n.name, v)
             })
-            .collect();
-        (list, health_index(c))
-    });
-    api.near_reply(&p, list, index)
+            .collect()
+    };
+    api.shared_read("health/service", &name, &p, health_index, render)
+        .await
 }
 
 /// `GET /v1/health/node/:node`.
@@ -558,7 +592,11 @@ pub async fn health_state(
 /// The catalog and health routes.
 pub fn router(server: Arc<Server>, agent: Arc<Shared>) -> axum::Router {
     use axum::routing::{get, put};
-    let api = Arc::new(CatalogApi { server, agent });
+    let api = Arc::new(CatalogApi {
+        server,
+        agent,
+        watches: Default::default(),
+    });
     axum::Router::new()
         .route("/v1/catalog/register", put(register))
         .route("/v1/catalog/deregister", put(deregister))

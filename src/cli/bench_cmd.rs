@@ -66,7 +66,7 @@ enum Spread {
 }
 
 /// Child processes killed on drop.
-struct Procs(Vec<Child>);
+pub(super) struct Procs(pub(super) Vec<Child>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -77,36 +77,44 @@ impl Drop for Procs {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(super) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-fn free_udp_port() -> Result<u16> {
+pub(super) fn free_udp_port() -> Result<u16> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
 /// One HTTP/1.1 keep-alive connection.
-struct Conn {
+pub(super) struct Conn {
     addr: SocketAddr,
     s: Option<TcpStream>,
     buf: Vec<u8>,
+    /// The last answer's `X-Consul-Index`, if it had one.
+    pub(super) index: Option<u64>,
 }
 
 impl Conn {
-    fn new(addr: SocketAddr) -> Conn {
+    pub(super) fn new(addr: SocketAddr) -> Conn {
         Conn {
             addr,
             s: None,
             buf: Vec::with_capacity(8192),
+            index: None,
         }
     }
 
     /// Sends a request and reads the whole answer: (status, body).
-    async fn request(&mut self, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>)> {
+    pub(super) async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>)> {
         let r = self.try_request(method, path, body).await;
         if r.is_err() {
             self.s = None;
@@ -157,6 +165,7 @@ impl Conn {
             head.lines()
                 .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
         };
+        self.index = header("x-consul-index:").and_then(|v| v.parse().ok());
         let body = if let Some(len) = header("content-length:") {
             let len: usize = len.parse().context("bad content-length")?;
             while rest.len() < len {
@@ -346,7 +355,7 @@ async fn phase(
 }
 
 /// Polls until `f` is true or `limit` passes.
-async fn until<F, Fut>(what: &str, limit: Duration, mut f: F) -> Result<()>
+pub(super) async fn until<F, Fut>(what: &str, limit: Duration, mut f: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
