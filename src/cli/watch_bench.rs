@@ -55,6 +55,10 @@ pub struct WatchBenchArgs {
     /// How long to wait for every watcher to hear of one change.
     #[arg(long, default_value = "60s")]
     timeout: String,
+    /// The tomo binary the agents run [default: this one]; another build
+    /// (an earlier commit) compares against this one on the same machine.
+    #[arg(long)]
+    agent_bin: Option<std::path::PathBuf>,
 }
 
 /// Counters the watcher tasks share with the driver.
@@ -225,7 +229,10 @@ pub fn watchers(a: WatchBenchArgs) -> Result<()> {
 }
 
 async fn run(a: &WatchBenchArgs, timeout: Duration) -> Result<Value> {
-    let exe = std::env::current_exe()?;
+    let exe = match &a.agent_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?,
+    };
     let dir = std::env::temp_dir().join(format!("tomo-bench-watchers-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let v = measure(a, timeout, &exe, &dir).await;
@@ -416,7 +423,7 @@ async fn measure(
     heard_all.sort_by(f64::total_cmp);
     let per_watcher = (rss_parked.saturating_sub(rss_base)) as f64 / a.watchers as f64;
     Ok(json!({
-        "params": {"watchers": a.watchers, "changes": a.changes, "instances": expected,
+        "params": {"watchers": a.watchers, "agent_bin": exe.display().to_string(), "changes": a.changes, "instances": expected,
                    "agents_with_coordinates": a.agents + 1, "path": path},
         "answer_bytes": body.len(),
         "rss_base_mib": (rss_base as f64 / 1048576.0 * 10.0).round() / 10.0,
