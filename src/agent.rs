@@ -355,6 +355,16 @@ pub struct Agent {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// The gossip address announced: `-advertise` (its port 0 meaning the
+/// port the socket got, as with `-serf-lan-port 0`), else the bound one.
+fn advertised(advertise: Option<SocketAddr>, local: SocketAddr) -> SocketAddr {
+    match advertise {
+        Some(a) if a.port() == 0 => SocketAddr::new(a.ip(), local.port()),
+        Some(a) => a,
+        None => local,
+    }
+}
+
 impl Agent {
     /// Binds the sockets and starts the gossip driver and the HTTP server.
     pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
@@ -364,7 +374,7 @@ impl Agent {
             addr: cfg.bind,
             source: e,
         })?;
-        let gossip_addr = cfg.advertise.unwrap_or(local);
+        let gossip_addr = advertised(cfg.advertise, local);
         // The server starts first: gossip tells the others its Raft ID and
         // RPC port.
         let registry = match cfg.server.clone() {
@@ -393,7 +403,7 @@ impl Agent {
                     addr: w.bind,
                     source: e,
                 })?;
-                let addr = w.advertise.unwrap_or(local);
+                let addr = advertised(w.advertise, local);
                 let id = Id {
                     name: format!("{}.{}", cfg.node, cfg.datacenter),
                     addr,

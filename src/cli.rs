@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 
 mod agent_cmd;
 mod bench_cmd;
-mod watch_bench;
 mod failover_cmd;
+mod watch_bench;
 
 use crate::dataset::{self, Format, GeoOptions, Matrix, Series, Synthetic};
 use crate::sim::gossip::{

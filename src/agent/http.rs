@@ -25,7 +25,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/agent/self", get(agent_self))
         .route("/v1/agent/members", get(members))
-        .route("/v1/agent/join/{address}", put(join))
+        // GET too: python-consul 0.7.1 sends it.
+        .route("/v1/agent/join/{address}", put(join).get(join))
         .route("/v1/agent/leave", put(leave))
         .route("/v1/coordinate/nodes", get(coordinate_nodes))
         .route("/v1/coordinate/node/{node}", get(coordinate_node))
@@ -197,7 +198,7 @@ fn pool_of(p: &HashMap<String, String>) -> super::Pool {
     }
 }
 
-/// `PUT /v1/agent/join/:address`, with `?wan` (presence) the WAN pool.
+/// `PUT|GET /v1/agent/join/:address`, with `?wan` (presence) the WAN pool.
 async fn join(
     State(s): State<Arc<Shared>>,
     Path(address): Path<String>,

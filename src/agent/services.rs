@@ -1,7 +1,9 @@
 //! Consul's agent service and check endpoints (`consul-api.md` §3.4) on
 //! any agent: register and deregister services with their checks, TTL
 //! checks turned critical when not updated in time, TCP and HTTP checks
-//! run every interval, `check/pass|warn|fail|update`. GET is accepted
+//! run every interval, `check/pass|warn|fail|update`, node and service
+//! maintenance (`agent/maintenance`, `agent/service/maintenance/:id`).
+//! IDs in paths may contain `/`. GET is accepted
 //! where python-consul 0.7.1 (Patroni's) sends it. The agent keeps its
 //! services and checks itself (what `/v1/agent/*` shows) and writes every
 //! change to the catalog through the registry; a change the registry did
@@ -31,6 +33,10 @@ enum Probe {
     Http(String),
     /// A TCP connect.
     Tcp(String),
+    /// Node or service maintenance (`_node_maintenance`,
+    /// `_service_maintenance:<id>`): critical until maintenance ends,
+    /// never run.
+    Maintenance,
 }
 
 #[derive(Debug, Clone)]
@@ -245,7 +251,7 @@ impl AgentServices {
                     due.push((id.clone(), c.clone()));
                     c.due = match c.probe {
                         // Expired: stays critical until updated.
-                        Probe::Ttl(_) => now + Duration::from_secs(24 * 3600),
+                        Probe::Ttl(_) | Probe::Maintenance => now + Duration::from_secs(24 * 3600),
                         _ => now + c.interval,
                     };
                 }
@@ -257,6 +263,7 @@ impl AgentServices {
                 Probe::Ttl(_) => (Health::Critical, "TTL expired".to_string()),
                 Probe::Tcp(addr) => run_tcp(addr, c.timeout).await,
                 Probe::Http(url) => run_http(url, c.timeout).await,
+                Probe::Maintenance => continue,
             };
             if let Some(l) = self.checks.lock().expect("not poisoned").get_mut(&id) {
                 l.set(status, output.clone(), now);
@@ -378,7 +385,14 @@ pub async fn register_service(State(st): State<Arc<AgentServices>>, body: Bytes)
     // Every check parses before anything is registered.
     let n = defs.len();
     let mut checks = Vec::new();
-    for (k, c) in defs.iter().enumerate() {
+    for (k, c) in defs.iter_mut().enumerate() {
+        // Consul's name for an unnamed service check.
+        if str_of(c, "Name").is_empty() {
+            c.insert(
+                "Name".into(),
+                Value::String(format!("Service '{}' check", service.name)),
+            );
+        }
         // Consul's IDs for unnamed service checks.
         let fallback = if n == 1 {
             format!("service:{id}")
@@ -569,7 +583,131 @@ pub async fn update(
     mark(&st, id, status, str_of(&m, "Output")).await
 }
 
-/// The routes.
+/// Consul's check ID for node maintenance.
+const NODE_MAINTENANCE: &str = "_node_maintenance";
+
+impl AgentServices {
+    /// Starts or ends maintenance of the node (`service_id` empty) or of
+    /// one of its services: as in Consul, a critical check
+    /// (`_node_maintenance`, `_service_maintenance:<id>`) that takes the
+    /// node's or the service's instances out of passing answers. The
+    /// catalog keeps no check `Notes`, so the reason goes to `Output`.
+    async fn maintenance(
+        &self,
+        service_id: &str,
+        enable: bool,
+        reason: &str,
+    ) -> Result<(), String> {
+        let (id, name, what) = if service_id.is_empty() {
+            (
+                NODE_MAINTENANCE.to_string(),
+                "Node Maintenance Mode",
+                "node",
+            )
+        } else {
+            (
+                format!("_service_maintenance:{service_id}"),
+                "Service Maintenance Mode",
+                "service",
+            )
+        };
+        let known = self.checks.lock().expect("not poisoned").contains_key(&id);
+        if !enable {
+            if !known {
+                return Ok(());
+            }
+            self.checks.lock().expect("not poisoned").remove(&id);
+            return self
+                .write(Command::DeregisterCheck {
+                    node: self.node.clone(),
+                    id,
+                })
+                .await;
+        }
+        // Already in maintenance: Consul keeps the first reason.
+        if known {
+            return Ok(());
+        }
+        let output = if reason.is_empty() {
+            format!(
+                "Maintenance mode is enabled for this {what}, but no reason was provided. This is a default message."
+            )
+        } else {
+            reason.to_string()
+        };
+        let check = Check {
+            id,
+            name: name.to_string(),
+            status: Health::Critical,
+            output,
+            service_id: service_id.to_string(),
+            create_index: 0,
+            modify_index: 0,
+        };
+        self.add_check(LocalCheck {
+            check,
+            probe: Probe::Maintenance,
+            interval: Duration::ZERO,
+            timeout: Duration::ZERO,
+            due: Instant::now() + Duration::from_secs(24 * 3600),
+            deregister_after: None,
+            critical_since: None,
+        })
+        .await
+    }
+}
+
+/// `?enable=` (required, a Go bool; python-consul sends `True`) and
+/// `?reason=` of the maintenance endpoints.
+/// `Err`: the 400 text.
+fn maintenance_params(p: &HashMap<String, String>) -> Result<(bool, String), String> {
+    let enable = match p.get("enable").map(String::as_str) {
+        None | Some("") => return Err("Missing value for enable".into()),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => true,
+        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => false,
+        Some(v) => return Err(format!("Invalid value for enable: {v:?}")),
+    };
+    Ok((enable, p.get("reason").cloned().unwrap_or_default()))
+}
+
+/// `PUT /v1/agent/maintenance?enable=&reason=`.
+pub async fn node_maintenance(State(st): State<Arc<AgentServices>>, Query(p): Params) -> Response {
+    let (enable, reason) = match maintenance_params(&p) {
+        Ok(v) => v,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e),
+    };
+    match st.maintenance("", enable, &reason).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+/// `PUT /v1/agent/service/maintenance/:id?enable=&reason=`; 404 for a
+/// service this agent does not have, as Consul.
+pub async fn service_maintenance(
+    State(st): State<Arc<AgentServices>>,
+    Path(id): Path<String>,
+    Query(p): Params,
+) -> Response {
+    let (enable, reason) = match maintenance_params(&p) {
+        Ok(v) => v,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e),
+    };
+    if !st.services.lock().expect("not poisoned").contains_key(&id) {
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!("No service registered with ID {id:?}"),
+        );
+    }
+    match st.maintenance(&id, enable, &reason).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+/// The routes. IDs are everything after the prefix, `/` included (Patroni
+/// registers `<scope>/<name>`, so its service check is
+/// `service:<scope>/<name>`).
 pub fn router(st: Arc<AgentServices>) -> axum::Router {
     use axum::routing::{get, put};
     axum::Router::new()
@@ -577,15 +715,20 @@ pub fn router(st: Arc<AgentServices>) -> axum::Router {
         .route("/v1/agent/checks", get(checks))
         .route("/v1/agent/service/register", put(register_service))
         .route(
-            "/v1/agent/service/deregister/{id}",
+            "/v1/agent/service/deregister/{*id}",
             put(deregister_service).get(deregister_service),
         )
         .route("/v1/agent/check/register", put(register_check))
         .route(
-            "/v1/agent/check/deregister/{id}",
+            "/v1/agent/check/deregister/{*id}",
             put(deregister_check).get(deregister_check),
         )
-        .route("/v1/agent/check/{verdict}/{id}", put(verdict).get(verdict))
-        .route("/v1/agent/check/update/{id}", put(update))
+        .route("/v1/agent/check/{verdict}/{*id}", put(verdict).get(verdict))
+        .route("/v1/agent/check/update/{*id}", put(update))
+        .route("/v1/agent/maintenance", put(node_maintenance))
+        .route(
+            "/v1/agent/service/maintenance/{*id}",
+            put(service_maintenance),
+        )
         .with_state(st)
 }

@@ -272,8 +272,30 @@ pub async fn renew(State(st): State<Arc<Sessions>>, Path(id): Path<String>) -> R
     super::catalog_api::reply(&json!([session_json(&s)]), st.server.applied())
 }
 
+/// Holds a session read with `?index=N` until the session table's index
+/// passes N or the wait runs out: every session read is a blocking query
+/// (python-consul's `session.list/node/info(index=, wait=)`).
+async fn block(st: &Sessions, p: &HashMap<String, String>) -> Result<(), Response> {
+    let q = |k: &str| p.get(k).map(String::as_str);
+    match super::wire::blocking(q("index"), q("wait")) {
+        Err(e) => Err(text(StatusCode::BAD_REQUEST, e)),
+        Ok(None) => Ok(()),
+        Ok(Some((index, deadline))) => {
+            super::wire::wait_catalog(&st.server, index, deadline, |c| c.indexes().sessions).await;
+            Ok(())
+        }
+    }
+}
+
 /// `GET /v1/session/info/:id`: `[session]`, or `[]` when unknown.
-pub async fn info(State(st): State<Arc<Sessions>>, Path(id): Path<String>) -> Response {
+pub async fn info(
+    State(st): State<Arc<Sessions>>,
+    Path(id): Path<String>,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = block(&st, &p).await {
+        return r;
+    }
     let (list, index) = st.server.read(|c| {
         (
             c.session(&id)
@@ -287,7 +309,14 @@ pub async fn info(State(st): State<Arc<Sessions>>, Path(id): Path<String>) -> Re
 }
 
 /// `GET /v1/session/node/:node`.
-pub async fn node(State(st): State<Arc<Sessions>>, Path(node): Path<String>) -> Response {
+pub async fn node(
+    State(st): State<Arc<Sessions>>,
+    Path(node): Path<String>,
+    Query(p): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = block(&st, &p).await {
+        return r;
+    }
     let (list, index) = st.server.read(|c| {
         (
             c.sessions()
@@ -303,8 +332,11 @@ pub async fn node(State(st): State<Arc<Sessions>>, Path(node): Path<String>) -> 
 /// `GET /v1/session/list`.
 pub async fn list(
     State(st): State<Arc<Sessions>>,
-    Query(_p): Query<HashMap<String, String>>,
+    Query(p): Query<HashMap<String, String>>,
 ) -> Response {
+    if let Err(r) = block(&st, &p).await {
+        return r;
+    }
     let (list, index) = st.server.read(|c| {
         (
             c.sessions().map(session_json).collect::<Vec<_>>(),

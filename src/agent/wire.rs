@@ -115,7 +115,7 @@ const MAX_WAIT: Duration = Duration::from_secs(600);
 /// A blocking query's `index` and deadline from `?index=&wait=`: `wait`
 /// is a Go duration (5 minutes by default, at most 10), plus a jitter of
 /// up to wait/16 as Consul adds (clients time out at wait + wait/16 at the
-/// earliest). `None` without `index`.
+/// earliest). `None` without `index` or with `index=0`.
 pub fn blocking(
     index: Option<&str>,
     wait: Option<&str>,
@@ -124,6 +124,10 @@ pub fn blocking(
         return Ok(None);
     };
     let index: u64 = index.parse().map_err(|_| "Invalid index")?;
+    // Consul runs `index=0` once, without blocking.
+    if index == 0 {
+        return Ok(None);
+    }
     let wait = match wait {
         Some(w) => super::kv::parse_go_duration(w).ok_or("Invalid wait time")?,
         None => DEFAULT_WAIT,
