@@ -39,6 +39,9 @@ const MAX_IDLE_KEYS: usize = 1024;
 /// How long a sorted body is reused: coordinates move by the second, and
 /// a watcher answered within the same second sees the same order.
 const BODY_TTL: Duration = Duration::from_secs(1);
+/// Sorted bodies kept per rendering: `near` names any node, and callers
+/// asking from many sources must not grow one rendering without bound.
+const MAX_BODIES: usize = 64;
 
 /// The blocking reads of one agent, by key.
 #[derive(Default)]
@@ -93,6 +96,9 @@ impl Rendered {
         }
         out.push(b']');
         let b = Bytes::from(out);
+        if bodies.len() >= MAX_BODIES {
+            bodies.clear();
+        }
         bodies.insert(source.to_string(), (Instant::now(), b.clone()));
         b
     }
