@@ -10,6 +10,11 @@
 //! followers (kind 1) are postcard both ways, so a 512 KiB KV value is not
 //! blown up into a JSON array; forwarded writes and status checks are
 //! JSON (kind 0).
+//!
+//! For the fault-injection harness (`tests/faults`) only: with
+//! `TOMO_FAULT_BLOCK_FILE` set, a server refuses to send peer RPCs to the
+//! addresses listed in that file ([`fault`]), which is how the harness
+//! partitions servers without touching the host's network.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -223,6 +228,98 @@ fn timed_out() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, "RPC timed out")
 }
 
+pub mod fault {
+    //! A partition hook for the fault-injection harness (`tests/faults`);
+    //! nothing else uses it.
+    //!
+    //! If the environment variable `TOMO_FAULT_BLOCK_FILE` is set when the
+    //! server process starts, the file it names lists peer RPC addresses
+    //! (`host:port` as in `-server-port`, one per line; a missing or empty
+    //! file blocks nothing) this process must not talk to: every outgoing
+    //! peer RPC to one of them (Raft's append, vote and snapshot requests,
+    //! and [`RpcPool`](super::RpcPool) calls: forwarded writes and HTTP
+    //! requests, bootstrap checks) fails at once as if the connection had
+    //! been refused, and the open connections to it are dropped when next
+    //! used. The file is re-read at most every [`REREAD`], so the harness
+    //! changes a partition by rewriting it (atomically, by rename).
+    //!
+    //! Only connections this process opens are cut: a peer not blocked
+    //! here still reaches it and hears its replies on the peer's own
+    //! connection. A symmetric partition is both sides' files naming each
+    //! other; one side alone is a one-way (asymmetric) fault. Gossip (UDP)
+    //! and the HTTP API are not affected.
+    //!
+    //! Unset, it costs one initialized `OnceLock` read per RPC.
+    use std::collections::HashSet;
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+
+    /// The environment variable naming the block file.
+    pub const ENV: &str = "TOMO_FAULT_BLOCK_FILE";
+    /// How stale the blocked set may be.
+    pub const REREAD: Duration = Duration::from_millis(50);
+
+    struct Blocklist {
+        path: PathBuf,
+        /// When the file was last read, and what it said.
+        state: Mutex<(Option<Instant>, HashSet<SocketAddr>)>,
+    }
+
+    static BLOCKLIST: OnceLock<Option<Blocklist>> = OnceLock::new();
+
+    /// The block list, if the variable was set (read once per process).
+    fn list() -> Option<&'static Blocklist> {
+        BLOCKLIST
+            .get_or_init(|| {
+                std::env::var_os(ENV).map(|p| Blocklist {
+                    path: PathBuf::from(p),
+                    state: Mutex::new((None, HashSet::new())),
+                })
+            })
+            .as_ref()
+    }
+
+    /// Whether peer RPCs to `addr` must fail now.
+    pub fn blocked(addr: SocketAddr) -> bool {
+        let Some(b) = list() else {
+            return false;
+        };
+        // A poisoned lock only means a reader panicked: the set is whole.
+        let mut state = b.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.0.is_none_or(|t| t.elapsed() >= REREAD) {
+            // Tiny and usually in tmpfs: read in place, even on a runtime
+            // thread. Unreadable (missing) blocks nothing.
+            state.1 = std::fs::read_to_string(&b.path)
+                .map(|text| {
+                    text.lines()
+                        .filter_map(|l| l.trim().parse::<SocketAddr>().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            state.0 = Some(Instant::now());
+        }
+        state.1.contains(&addr)
+    }
+
+    /// Like [`blocked`], for an address kept as text (Raft's `BasicNode`);
+    /// one that does not parse is never blocked.
+    pub fn blocked_str(addr: &str) -> bool {
+        list().is_some() && addr.parse().is_ok_and(blocked)
+    }
+
+    /// The error a blocked call fails with: refused, so callers treat it
+    /// as "never sent" (safe to retry elsewhere) and openraft as
+    /// unreachable.
+    pub fn refused() -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "blocked by the fault-injection file",
+        )
+    }
+}
+
 /// Pooled connections to servers' RPC ports, for the calls that are not
 /// Raft's own (forwarded writes and HTTP requests, bootstrap checks). A
 /// connection is taken for one call and put back after a whole reply;
@@ -245,6 +342,12 @@ impl RpcPool {
         bytes: &[u8],
         ttl: Duration,
     ) -> std::io::Result<Vec<u8>> {
+        if fault::blocked(addr) {
+            // Partitioned by the fault harness: the pooled connections go
+            // too, so a healed partition starts from fresh ones.
+            self.idle.lock().expect("not poisoned").remove(&addr);
+            return Err(fault::refused());
+        }
         // A pooled connection the server closed meanwhile reads as EOF
         // now: drop it before anything is sent on it. (No call is ever
         // resent: a request that may have reached a server may have been
@@ -357,27 +460,42 @@ struct Peer {
 
 impl Peer {
     async fn call(&mut self, rpc: &Rpc, ttl: Duration) -> std::io::Result<Reply> {
+        if fault::blocked_str(&self.addr) {
+            // Partitioned by the fault harness (refused reads as
+            // unreachable to openraft).
+            self.stream = None;
+            return Err(fault::refused());
+        }
+        // The connection is taken out for the call and put back only
+        // after a whole reply. openraft wraps this future in a timeout of
+        // its own (the same TTL) and drops it when that fires first: had
+        // the connection stayed in `self.stream`, the next call would read
+        // this call's late reply as its own, and a stale success would
+        // count as a follower holding entries it may not have. Dropped
+        // mid-call, the connection is closed with the future instead.
+        let taken = self.stream.take();
         let addr = self.addr.clone();
-        let stream = &mut self.stream;
-        let r = tokio::time::timeout(ttl, async {
-            if stream.is_none() {
-                let s = TcpStream::connect(&addr).await?;
-                s.set_nodelay(true)?;
-                *stream = Some(s);
-            }
-            let s = stream.as_mut().expect("just connected");
+        let r = tokio::time::timeout(ttl, async move {
+            let mut s = match taken {
+                Some(s) => s,
+                None => {
+                    let s = TcpStream::connect(&addr).await?;
+                    s.set_nodelay(true)?;
+                    s
+                }
+            };
             let bytes = postcard::to_allocvec(rpc).map_err(std::io::Error::other)?;
-            write_frame(s, KIND_RAFT, &bytes).await?;
-            let (_, reply) = read_frame(s).await?;
-            from_json(&reply)
+            write_frame(&mut s, KIND_RAFT, &bytes).await?;
+            let (_, reply) = read_frame(&mut s).await?;
+            Ok::<_, std::io::Error>((s, from_json(&reply)?))
         })
         .await
         .unwrap_or_else(|_| Err(timed_out()));
-        if r.is_err() {
-            // Whatever state the stream is in, do not reuse it.
-            self.stream = None;
-        }
-        r
+        // On an error the connection is gone: whatever state it was in,
+        // it is not reused.
+        let (s, reply) = r?;
+        self.stream = Some(s);
+        Ok(reply)
     }
 
     fn fail<E: std::error::Error>(&self, e: std::io::Error) -> RPCError<u64, BasicNode, E> {
@@ -995,5 +1113,68 @@ async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that answers the first frame it gets late, with
+    /// `initialized: false`, and every later one at once, with `true`.
+    async fn slow_then_fast_peer() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let first = first.clone();
+                tokio::spawn(async move {
+                    while let Ok((kind, _)) = read_frame(&mut s).await {
+                        let slow = first.swap(false, Ordering::SeqCst);
+                        if slow {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        let reply = to_json(&Reply::Status { initialized: !slow }).unwrap();
+                        if write_frame(&mut s, kind, &reply).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_mid_flight_leaves_no_reply_for_the_next_one() {
+        let addr = slow_then_fast_peer().await;
+        let mut peer = Peer {
+            target: 1,
+            addr: addr.to_string(),
+            stream: None,
+        };
+        // The caller gives up first (as openraft's replication does, with
+        // the same deadline as the call's own).
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(50),
+            peer.call(&Rpc::Status, Duration::from_secs(5)),
+        )
+        .await;
+        assert!(dropped.is_err(), "the slow reply came early");
+        // The next call hears its own reply (`initialized: false` is the
+        // late one's).
+        match peer.call(&Rpc::Status, Duration::from_secs(5)).await {
+            Ok(Reply::Status { initialized }) => assert!(initialized, "a stale reply"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_block_file_is_off_without_its_variable() {
+        // The test process does not set TOMO_FAULT_BLOCK_FILE.
+        assert!(std::env::var_os(fault::ENV).is_none());
+        assert!(!fault::blocked("127.0.0.1:1".parse().unwrap()));
+        assert!(!fault::blocked_str("127.0.0.1:1"));
     }
 }
