@@ -83,7 +83,11 @@ impl Cluster {
             "==== harness: starting server-{i} at {:.3} s",
             self.started.elapsed().as_secs_f64()
         );
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tomo"));
+        // `TOMO_FAULT_BIN` pins another build (a long run then does not
+        // pick up a rebuild of target/debug/tomo halfway).
+        let bin =
+            std::env::var_os("TOMO_FAULT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_tomo").into());
+        let mut cmd = Command::new(bin);
         cmd.args([
             "agent",
             "-node",

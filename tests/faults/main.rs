@@ -52,6 +52,7 @@
 //! | `TOMO_FAULT_KEYS` | 5 | checked keys |
 //! | `TOMO_FAULT_CHECK_BUDGET` | 20000000 | search steps per key before the checker gives up (reported as inconclusive, not a failure) |
 //! | `TOMO_FAULT_KEEP` | unset | save the history of passing runs too |
+//! | `TOMO_FAULT_BIN` | this build's `tomo` | the server binary (pin one for long runs) |
 //!
 //! Each run prints a summary: servers, seconds, operations (ok / failed /
 //! unknown), faults by kind, keys, checker time, violations, lost writes.
