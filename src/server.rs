@@ -33,7 +33,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, ChangeMembers, Raft, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Raft, RaftMetrics, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -318,6 +318,13 @@ pub mod fault {
             "blocked by the fault-injection file",
         )
     }
+}
+
+/// Whether the Raft core behind `metrics` still runs: its task drops the
+/// sender when it panics, and reports a fatal state when it stops
+/// otherwise.
+fn core_running(metrics: &tokio::sync::watch::Receiver<RaftMetrics<u64, BasicNode>>) -> bool {
+    metrics.has_changed().is_ok() && metrics.borrow().running_state.is_ok()
 }
 
 /// Pooled connections to servers' RPC ports, for the calls that are not
@@ -731,6 +738,11 @@ impl Server {
     pub fn leader_addr(&self) -> Option<(u64, SocketAddr)> {
         // Borrowed, not cloned: every registry request asks.
         let metrics = self.raft.metrics();
+        // A Raft core that stopped (a panic in it) leaves its last metrics
+        // behind: it must not go on naming itself, or anyone, leader.
+        if !core_running(&metrics) {
+            return None;
+        }
         let m = metrics.borrow();
         let id = m.current_leader?;
         let addr = m.membership_config.nodes().find(|(n, _)| **n == id)?.1;
@@ -739,7 +751,27 @@ impl Server {
 
     /// Whether this server is the leader now.
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.id)
+        let metrics = self.raft.metrics();
+        core_running(&metrics) && metrics.borrow().current_leader == Some(self.id)
+    }
+
+    /// Waits until the Raft core stops (on its own: a fatal error such as a
+    /// panic in it or a storage failure; or by [`Server::stop`]) and says
+    /// why. It never returns while the server runs; a process should
+    /// exit then, so that its supervisor restarts it from its data dir
+    /// rather than it going on answering as a member that no longer takes
+    /// part.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Err(e) = &rx.borrow_and_update().running_state {
+                return e.to_string();
+            }
+            if rx.changed().await.is_err() {
+                // The core's task ended without a last report: it panicked.
+                return "the Raft core panicked".to_string();
+            }
+        }
     }
 
     /// How long since a leader last reached this server (zero on the
@@ -1168,6 +1200,31 @@ mod tests {
             Ok(Reply::Status { initialized }) => assert!(initialized, "a stale reply"),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_core_names_no_leader_and_says_it_stopped() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let s = Server::start(ServerConfig::new(1, any, dir.path().to_path_buf()))
+            .await
+            .unwrap();
+        s.initialize(BTreeMap::from([(1, s.rpc_addr)]))
+            .await
+            .unwrap();
+        let t = std::time::Instant::now();
+        while !s.is_leader() {
+            assert!(t.elapsed() < Duration::from_secs(10), "no leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(s.leader_addr().is_some());
+        s.stop().await;
+        let why = tokio::time::timeout(Duration::from_secs(5), s.failed())
+            .await
+            .expect("failed() returns once the core stopped");
+        assert!(!why.is_empty());
+        assert!(!s.is_leader());
+        assert_eq!(s.leader_addr(), None);
     }
 
     #[tokio::test]

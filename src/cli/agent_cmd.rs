@@ -489,7 +489,21 @@ pub fn agent(mut a: AgentArgs) -> Result<()> {
             eprintln!("tomo agent: DNS on {d} (UDP and TCP)");
         }
         let shared = agent.shared.clone();
+        let registry = agent.registry.clone();
+        let failed = async {
+            match &registry {
+                Some(r) => r.failed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            why = failed => {
+                // Crash-only: a supervisor restarts the agent from its
+                // data dir, which is what Raft recovers from.
+                eprintln!("tomo agent: the registry server stopped ({why}); exiting");
+                agent.abort();
+                bail!("the registry server stopped: {why}");
+            }
             _ = wait_for_signal() => {
                 eprintln!("tomo agent: leaving");
                 agent.shutdown().await;
