@@ -33,7 +33,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, ChangeMembers, Raft, RaftMetrics, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Raft, RaftMetrics, SnapshotPolicy, StorageError, Vote};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -318,6 +318,30 @@ pub mod fault {
             "blocked by the fault-injection file",
         )
     }
+}
+
+/// A server that led before it stopped comes back as a follower of its
+/// old term, not as its leader. openraft 0.9 restores a restarted leader
+/// at once in the same term (`Engine::startup`), and this store lets
+/// replication send entries before they are on disk; a leader killed
+/// between the two would, back in the same term, write different entries
+/// at indexes a follower already holds under the same (term, index), and
+/// the follower would keep its own as a match (a log ID names the term
+/// and the leader, which are the same). Lowering the saved vote from
+/// committed to merely granted makes it win an election first, in a new
+/// term. (Votes compare as before: only a candidate that already
+/// outranks this vote gets this server's.)
+async fn step_down_on_restart(log: &mut store::LogStore, id: u64) -> Result<(), ServerError> {
+    use openraft::storage::RaftLogStorage;
+    let raft_err = |e: StorageError<u64>| ServerError::Raft(e.to_string());
+    if let Some(v) = log.read_vote().await.map_err(raft_err)?
+        && v.committed
+        && v.leader_id.voted_for() == Some(id)
+    {
+        let granted = Vote::new(v.leader_id.term, id);
+        log.save_vote(&granted).await.map_err(raft_err)?;
+    }
+    Ok(())
 }
 
 /// Whether the Raft core behind `metrics` still runs: its task drops the
@@ -618,7 +642,8 @@ impl Server {
                 what: e.to_string(),
             })
         })?;
-        let (log, sm) = store::open(&cfg.data_dir)?;
+        let (mut log, sm) = store::open(&cfg.data_dir)?;
+        step_down_on_restart(&mut log, cfg.id).await?;
         let listener = TcpListener::bind(cfg.rpc)
             .await
             .map_err(|source| ServerError::Bind {
@@ -1225,6 +1250,34 @@ mod tests {
         assert!(!why.is_empty());
         assert!(!s.is_leader());
         assert_eq!(s.leader_addr(), None);
+    }
+
+    /// Waits for `s` to lead; its term then.
+    async fn lead(s: &Server) -> u64 {
+        let t = std::time::Instant::now();
+        while !s.is_leader() {
+            assert!(t.elapsed() < Duration::from_secs(10), "no leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.raft.metrics().borrow().current_term
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_leader_leads_again_only_in_a_new_term() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let cfg = ServerConfig::new(1, any, dir.path().to_path_buf());
+        let s = Server::start(cfg.clone()).await.unwrap();
+        s.initialize(BTreeMap::from([(1, s.rpc_addr)]))
+            .await
+            .unwrap();
+        let before = lead(&s).await;
+        s.stop().await;
+        drop(s);
+        let s = Server::start(cfg).await.unwrap();
+        let after = lead(&s).await;
+        assert!(after > before, "led again in term {after} (was {before})");
+        s.stop().await;
     }
 
     #[tokio::test]
