@@ -816,14 +816,17 @@ impl Server {
     /// The group as this server sees it: (ID, RPC address, voter) for every
     /// member, by ID, and the leader's ID.
     pub fn configuration(&self) -> (Vec<(u64, String, bool)>, Option<u64>) {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let running = core_running(&metrics);
+        let m = metrics.borrow().clone();
         let voters: BTreeSet<u64> = m.membership_config.voter_ids().collect();
         let members = m
             .membership_config
             .nodes()
             .map(|(id, n)| (*id, n.addr.clone(), voters.contains(id)))
             .collect();
-        (members, m.current_leader)
+        // A stopped core's last metrics name a leader nobody follows.
+        (members, m.current_leader.filter(|_| running))
     }
 
     /// The last log index covered by this server's latest snapshot, and
@@ -1250,6 +1253,7 @@ mod tests {
         assert!(!why.is_empty());
         assert!(!s.is_leader());
         assert_eq!(s.leader_addr(), None);
+        assert_eq!(s.configuration().1, None, "/v1/status/leader would name it");
     }
 
     /// Waits for `s` to lead; its term then.
