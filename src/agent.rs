@@ -14,6 +14,7 @@
 //! destination in user space ([`link::LinkEmulator`]) to emulate a
 //! topology on loopback.
 
+pub mod browser;
 pub mod catalog_api;
 pub mod dns;
 pub mod federation;
@@ -534,7 +535,9 @@ impl Agent {
             });
             // Handlers may read the caller's address (a prepared query's
             // `Near: "_ip"`).
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            let app = app
+                .layer(axum::middleware::from_fn(browser::refuse_cross_site))
+                .into_make_service_with_connect_info::<SocketAddr>();
             let _ = axum::serve(listener, app).await;
         });
         if let (Some((sock, rx)), Some(w)) = (wan_driver, &cfg.wan) {

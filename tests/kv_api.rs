@@ -808,3 +808,51 @@ async fn a_failed_member_loses_its_sessions_and_locks() {
     assert!(json(&body)[0].get("Session").is_none(), "{body}");
     server.shutdown().await;
 }
+
+/// A request as a browser sends it from a page on another site.
+fn from_page(addr: SocketAddr, method: &str, path: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nSec-Fetch-Site: cross-site\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    String::from_utf8_lossy(&out)[9..12].parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_from_pages_on_other_sites_are_refused() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let agent = Agent::start(with_server(AgentConfig::dev("csrf-node"), &dir))
+        .await
+        .unwrap();
+    let a = agent.http_addr;
+    tokio::task::spawn_blocking(move || {
+        // Writes (a GET that joins, a PUT, a POST) from a page: 403, and
+        // nothing written.
+        assert_eq!(from_page(a, "GET", "/v1/agent/join/127.0.0.1:1"), 403);
+        assert_eq!(from_page(a, "PUT", "/v1/kv/csrf"), 403);
+        assert_eq!(from_page(a, "POST", "/v1/query"), 403);
+        assert_eq!(from_page(a, "GET", "/v1/agent/service/deregister/x"), 403);
+        // Reads from a page pass (a browser keeps the answer from the page
+        // anyway), and the same write from a client without the header
+        // does happen.
+        assert_eq!(from_page(a, "GET", "/v1/agent/self"), 200);
+        let start = Instant::now();
+        loop {
+            let (st, _, _) = http(a, "PUT", "/v1/kv/csrf", b"v");
+            if st == 200 {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "no leader");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(http(a, "GET", "/v1/kv/csrf?raw", b"").2, "v");
+    })
+    .await
+    .unwrap();
+    agent.shutdown().await;
+}

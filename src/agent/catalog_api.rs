@@ -183,11 +183,17 @@ pub(super) fn check_service_node_json<'a>(
 }
 
 impl CatalogApi {
+    /// Whether `?dc=` (if any) names this agent's datacenter, in any case
+    /// as the router compares it.
+    fn this_dc(&self, p: &[(String, String)]) -> bool {
+        param(p, "dc").is_none_or(|dc| dc.eq_ignore_ascii_case(&self.agent.datacenter))
+    }
+
     /// The coordinates `?near=` sorts by: the source's and a lookup for
     /// every node (`None` without `near` or when the source has none).
     fn near(&self, p: &[(String, String)]) -> Option<(Coordinate, HashMap<String, Coordinate>)> {
         let near = param(p, "near").filter(|n| !n.is_empty())?;
-        if param(p, "dc").is_some_and(|dc| dc != self.agent.datacenter) {
+        if !self.this_dc(p) {
             return None;
         }
         let source = if near == "_agent" {
@@ -239,7 +245,7 @@ impl CatalogApi {
         // Sorted bodies are shared by source; unsorted ones by "". (An
         // unknown source sorts nothing and so shares its own body.)
         let source = match param(p, "near") {
-            Some(n) if param(p, "dc").is_none_or(|dc| dc == self.agent.datacenter) => n,
+            Some(n) if self.this_dc(p) => n,
             _ => "",
         };
         let body = r.body(source, |items| self.sort_near(p, items, |(n, _)| n));

@@ -122,6 +122,16 @@ impl AgentServices {
     /// it later (the agent's state already changed); one that refuses it
     /// says why.
     async fn write(&self, cmd: Command) -> Result<(), String> {
+        {
+            // Behind writes still waiting for a server, a write waits its
+            // turn: sent now it could overtake them (a deregistration
+            // before the registration it undoes, which then comes back).
+            let mut queued = self.unsynced.lock().expect("not poisoned");
+            if !queued.is_empty() {
+                queued.push(cmd);
+                return Ok(());
+            }
+        }
         match self.fwd.write(request(cmd.clone())).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),

@@ -31,17 +31,37 @@ use serde_json::Value;
 use crate::catalog::Catalog;
 use crate::server::Server;
 
-/// Renderings remembered per key: a watcher whose index is older than
-/// all of them answers at once.
+/// Renderings remembered per key: a watcher arriving with an index older
+/// than all of them answers at once. (One already waiting keeps the hash
+/// it arrived with.)
 const HISTORY: usize = 64;
-/// Keys kept while nobody waits on them, beyond which idle ones go.
-const MAX_IDLE_KEYS: usize = 1024;
+/// Keys beyond which those idle for [`IDLE`] are dropped, and beyond
+/// four times which any idle one is.
+const MAX_KEYS: usize = 1024;
+/// How long an unused key keeps its history: longer than the longest
+/// wait (10 minutes and its jitter), so a watcher coming back with its
+/// index still finds it.
+const IDLE: Duration = Duration::from_secs(11 * 60);
 /// How long a sorted body is reused: coordinates move by the second, and
 /// a watcher answered within the same second sees the same order.
 const BODY_TTL: Duration = Duration::from_secs(1);
-/// Sorted bodies kept per rendering: `near` names any node, and callers
-/// asking from many sources must not grow one rendering without bound.
-const MAX_BODIES: usize = 64;
+/// Sorted bodies kept per rendering: `near` names any node (a client
+/// agent's `_agent` reaches the server as its own name), so the
+/// least recently built go beyond this many, or beyond [`MAX_BODY_BYTES`].
+const MAX_BODIES: usize = 1024;
+/// The bytes of sorted bodies kept per rendering.
+const MAX_BODY_BYTES: usize = 32 << 20;
+/// The parameters that shape a read's answer, and so its key; any other
+/// (`index`, `wait`, `near`, `stale`, `token`, a typo) does not.
+const SHAPING: &[&str] = &[
+    "tag",
+    "node-meta",
+    "passing",
+    "filter",
+    "ns",
+    "partition",
+    "peer",
+];
 
 /// The blocking reads of one agent, by key.
 #[derive(Default)]
@@ -50,9 +70,12 @@ pub struct Watches {
 }
 
 /// One key's renderings.
-#[derive(Default)]
 struct Watch {
-    state: Mutex<State>,
+    /// A tokio lock: the first waiter after a change renders while the
+    /// others wait without holding a worker thread.
+    state: tokio::sync::Mutex<State>,
+    /// When the key was last read.
+    used: Mutex<Instant>,
 }
 
 #[derive(Default)]
@@ -69,7 +92,8 @@ pub struct Rendered {
     hash: u64,
     /// The entries, each with the node `?near=` sorts it by.
     pub list: Vec<(String, Value)>,
-    /// Serialized bodies by sort source ("" for none).
+    /// Serialized bodies by sort source ("" for none): when built, and
+    /// the body.
     bodies: Mutex<HashMap<String, (Instant, Bytes)>>,
 }
 
@@ -77,12 +101,13 @@ impl Rendered {
     /// The body as a JSON array, in the order `sort` gives; built once per
     /// `source` and reused for [`BODY_TTL`].
     pub fn body(&self, source: &str, sort: impl FnOnce(&mut [&(String, Value)])) -> Bytes {
-        let mut bodies = self.bodies.lock().expect("not poisoned");
-        if let Some((at, b)) = bodies.get(source)
+        if let Some((at, b)) = self.bodies.lock().expect("not poisoned").get(source)
             && at.elapsed() < BODY_TTL
         {
             return b.clone();
         }
+        // Built outside the lock: two callers may both build one (the same
+        // bytes); none waits on another's sort.
         let mut items: Vec<&(String, Value)> = self.list.iter().collect();
         sort(&mut items);
         let mut out = Vec::with_capacity(256 * items.len() + 2);
@@ -96,10 +121,21 @@ impl Rendered {
         }
         out.push(b']');
         let b = Bytes::from(out);
-        if bodies.len() >= MAX_BODIES {
-            bodies.clear();
-        }
+        let mut bodies = self.bodies.lock().expect("not poisoned");
         bodies.insert(source.to_string(), (Instant::now(), b.clone()));
+        let mut bytes: usize = bodies.values().map(|(_, b)| b.len()).sum();
+        while bodies.len() > MAX_BODIES || bytes > MAX_BODY_BYTES {
+            let Some(oldest) = bodies
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((_, gone)) = bodies.remove(&oldest) {
+                bytes -= gone.len();
+            }
+        }
         b
     }
 }
@@ -117,17 +153,18 @@ fn content_hash(list: &[(String, Value)]) -> u64 {
 
 impl Watch {
     /// The rendering for the catalog as it is now (rendered here if the
-    /// index moved), and whether a watcher at `since` would see the same
-    /// content.
-    fn latest(
+    /// index moved), and the content hash of the rendering at `since`, if
+    /// this key still remembers it.
+    async fn latest(
         &self,
         server: &Server,
         index_of: &impl Fn(&Catalog) -> u64,
         render: &impl Fn(&Catalog) -> Vec<(String, Value)>,
         since: Option<u64>,
-    ) -> (Arc<Rendered>, bool) {
+    ) -> (Arc<Rendered>, Option<u64>) {
+        *self.used.lock().expect("not poisoned") = Instant::now();
         let now = server.read(index_of);
-        let mut st = self.state.lock().expect("not poisoned");
+        let mut st = self.state.lock().await;
         let stale = st.current.as_ref().is_none_or(|r| r.index < now);
         if stale {
             let (list, index) = server.read(|c| (render(c), index_of(c)));
@@ -146,18 +183,33 @@ impl Watch {
             }));
         }
         let r = st.current.clone().expect("rendered above");
-        let same = since.is_some_and(|i| st.history.iter().any(|(at, h)| *at == i && *h == r.hash));
-        (r, same)
+        let then = since.and_then(|i| st.history.iter().find(|(at, _)| *at == i).map(|(_, h)| *h));
+        (r, then)
     }
 }
 
 impl Watches {
     fn watch(&self, key: String) -> Arc<Watch> {
         let mut keys = self.keys.lock().expect("not poisoned");
-        if keys.len() > MAX_IDLE_KEYS && !keys.contains_key(&key) {
-            keys.retain(|_, w| Arc::strong_count(w) > 1);
+        if keys.len() > MAX_KEYS && !keys.contains_key(&key) {
+            // Keys in use (a watcher holds them) always stay; idle ones go
+            // after [`IDLE`], or at once when there are far too many.
+            let idle = |w: &Arc<Watch>| {
+                Arc::strong_count(w) == 1 && w.used.lock().expect("not poisoned").elapsed() >= IDLE
+            };
+            keys.retain(|_, w| !idle(w));
+            if keys.len() > 4 * MAX_KEYS {
+                keys.retain(|_, w| Arc::strong_count(w) > 1);
+            }
         }
-        keys.entry(key).or_default().clone()
+        keys.entry(key)
+            .or_insert_with(|| {
+                Arc::new(Watch {
+                    state: tokio::sync::Mutex::new(State::default()),
+                    used: Mutex::new(Instant::now()),
+                })
+            })
+            .clone()
     }
 
     /// Answers a read of `key`: at once without `blocking`; with
@@ -175,14 +227,18 @@ impl Watches {
     ) -> Arc<Rendered> {
         let w = self.watch(key);
         let Some((since, deadline)) = blocking else {
-            return w.latest(server, &index_of, &render, None).0;
+            return w.latest(server, &index_of, &render, None).await.0;
         };
         let mut rx = server.subscribe();
+        // The content at `since`, looked up once: renderings made while
+        // this watcher waits may push it out of the history.
+        let mut then: Option<Option<u64>> = None;
         loop {
-            let (r, same) = w.latest(server, &index_of, &render, Some(since));
+            let (r, at_since) = w.latest(server, &index_of, &render, Some(since)).await;
+            let then = *then.get_or_insert(at_since);
             // An index from the future (another agent's) also waits, as
             // Consul's blocking queries do, until the answer changes.
-            if !(same || r.index <= since) {
+            if r.index > since && then != Some(r.hash) {
                 return r;
             }
             if tokio::time::timeout_at(deadline, rx.changed())
@@ -200,22 +256,12 @@ impl Watches {
 pub fn key(endpoint: &str, name: &str, p: &[(String, String)]) -> String {
     let mut shaping: Vec<&(String, String)> = p
         .iter()
-        .filter(|(k, _)| {
-            !matches!(
-                k.as_str(),
-                "index" | "wait" | "near" | "stale" | "consistent" | "token" | "dc" | "cached"
-            )
-        })
+        .filter(|(k, _)| SHAPING.contains(&k.as_str()))
         .collect();
     shaping.sort();
-    let mut k = format!("{endpoint}\0{name}");
-    for (n, v) in shaping {
-        k.push('\0');
-        k.push_str(n);
-        k.push('=');
-        k.push_str(v);
-    }
-    k
+    // JSON, so that no name or value (decoded from the URL, so it may hold
+    // any character) can pass for another query's separator.
+    serde_json::json!([endpoint, name, shaping]).to_string()
 }
 
 #[cfg(test)]
@@ -240,6 +286,17 @@ mod tests {
         assert_ne!(a, key("h", "api", &p(&[("tag", "x")])));
         assert_ne!(
             key("h", "web", &p(&[("tag", "x"), ("tag", "y")])),
+            key("h", "web", &p(&[("tag", "x")]))
+        );
+        // Parameters that shape nothing share the key; separators in names
+        // and values (URL-decoded, so anything) cannot forge another's.
+        assert_eq!(a, key("h", "web", &p(&[("tag", "x"), ("junk", "1")])));
+        assert_ne!(
+            key("h", "web", &p(&[("passing", "1\u{0}tag=x")])),
+            key("h", "web", &p(&[("passing", "1"), ("tag", "x")]))
+        );
+        assert_ne!(
+            key("h", "web\u{0}tag=x", &p(&[])),
             key("h", "web", &p(&[("tag", "x")]))
         );
     }

@@ -179,8 +179,11 @@ async fn watch(
             continue; // The wait ran out.
         };
         index = new;
+        // An answer counts for change N only if it carries change N's tag:
+        // a late wake-up from an earlier write must not pass for it.
         let change = board.change.load(Ordering::Acquire);
-        if change == heard {
+        let tag = format!("\"change-{change}\"");
+        if change == heard || !body.windows(tag.len()).any(|w| w == tag.as_bytes()) {
             board.spurious.fetch_add(1, Ordering::Relaxed);
             continue;
         }
