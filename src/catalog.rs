@@ -446,6 +446,18 @@ impl Catalog {
                 id,
                 tagged_addresses,
             } => {
+                // As Consul (`IsSame`): registering what is already there
+                // changes nothing, index included, so an agent's periodic
+                // re-sync wakes no watcher.
+                if let Some(n) = self.nodes.get(&name)
+                    && n.address == address
+                    && n.datacenter == datacenter
+                    && n.meta == meta
+                    && n.id == id
+                    && n.tagged_addresses == tagged_addresses
+                {
+                    return Ok(Outcome::Bool(true));
+                }
                 let create_index = self.nodes.get(&name).map_or(index, |n| n.create_index);
                 self.nodes.insert(
                     name.clone(),
@@ -494,6 +506,13 @@ impl Catalog {
                     return Err(CatalogError::UnknownNode(node));
                 }
                 let key = (node, service.id.clone());
+                if let Some(old) = self.services.get(&key) {
+                    service.create_index = old.create_index;
+                    service.modify_index = old.modify_index;
+                    if service == *old {
+                        return Ok(Outcome::Bool(true)); // the same: no change
+                    }
+                }
                 service.create_index = self.services.get(&key).map_or(index, |s| s.create_index);
                 service.modify_index = index;
                 self.services.insert(key, service);
@@ -517,6 +536,13 @@ impl Catalog {
                     return Err(CatalogError::UnknownNode(node));
                 }
                 let key = (node.clone(), check.id.clone());
+                if let Some(old) = self.checks.get(&key) {
+                    check.create_index = old.create_index;
+                    check.modify_index = old.modify_index;
+                    if check == *old {
+                        return Ok(Outcome::Bool(true)); // the same: no change
+                    }
+                }
                 check.create_index = self.checks.get(&key).map_or(index, |c| c.create_index);
                 check.modify_index = index;
                 let critical = check.status == Health::Critical;
@@ -1254,6 +1280,52 @@ mod tests {
         assert!(f.c.session("t").is_none());
         assert!(f.c.node("n1").is_none());
         assert_eq!(f.c.node_checks("n1").count(), 0);
+    }
+
+    #[test]
+    fn registering_what_is_there_changes_no_index() {
+        let mut f = Fixture::new();
+        let node = |address: &str| Command::RegisterNode {
+            name: "n1".into(),
+            address: address.into(),
+            datacenter: "dc1".into(),
+            meta: BTreeMap::new(),
+            id: String::new(),
+            tagged_addresses: BTreeMap::new(),
+        };
+        let svc = |port: u16| Command::RegisterService {
+            node: "n1".into(),
+            service: Service {
+                id: "web".into(),
+                name: "web".into(),
+                tags: vec![],
+                address: String::new(),
+                port,
+                meta: BTreeMap::new(),
+                create_index: 0,
+                modify_index: 0,
+            },
+        };
+        let chk = |status| Command::RegisterCheck {
+            node: "n1".into(),
+            check: check("web-http", "web", status),
+        };
+        f.ok(svc(80));
+        f.ok(chk(Health::Passing));
+        let before = f.c.indexes();
+        let modified = f.c.node("n1").unwrap().modify_index;
+        f.ok(node("10.0.0.1"));
+        f.ok(svc(80));
+        f.ok(chk(Health::Passing));
+        assert_eq!(f.c.indexes(), before, "an identical re-registration moved an index");
+        assert_eq!(f.c.node("n1").unwrap().modify_index, modified);
+        // Any difference is a change.
+        f.ok(node("10.0.0.9"));
+        f.ok(svc(81));
+        f.ok(chk(Health::Warning));
+        let after = f.c.indexes();
+        assert!(after.nodes > before.nodes && after.services > before.services);
+        assert!(after.checks > before.checks);
     }
 
     #[test]

@@ -180,6 +180,36 @@ async fn watchers_answer_when_their_service_changes_and_only_then() {
         assert!(t.elapsed() >= Duration::from_millis(900), "returned early");
         assert!(after_i >= now);
         assert_eq!(after, before);
+        // The node list and checks by state work alike: a service added
+        // on a known node answers no watcher of the nodes, a new node does.
+        let (_, nodes_at, _) = http(a, "GET", "/v1/catalog/nodes?near=_agent", "");
+        let done = Arc::new(AtomicUsize::new(0));
+        let node_watchers = park(a, "/v1/catalog/nodes?near=_agent", nodes_at, 3, &done);
+        let (_, crit_at, crit) = http(a, "GET", "/v1/health/state/critical", "");
+        let crit_watchers = park(a, "/v1/health/state/critical?stale", crit_at, 3, &done);
+        std::thread::sleep(Duration::from_millis(300));
+        register(a, "n1", "cache", "[]");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(done.load(Ordering::SeqCst), 0, "woken by a new service on a known node");
+        register(a, "n4444", "cache", "[]");
+        for w in node_watchers {
+            assert!(w.join().unwrap().1.contains("n4444"));
+        }
+        // n4444's registration changed no critical check: those wait on.
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(done.load(Ordering::SeqCst), 3, "checks by state woke");
+        ok(
+            a,
+            "PUT",
+            "/v1/catalog/register",
+            r#"{"Node":"n4444","Address":"10.0.0.4","Check":{"Name":"down","Status":"critical"}}"#,
+        );
+        for w in crit_watchers {
+            let (_, body) = w.join().unwrap();
+            assert_ne!(body, crit);
+            assert!(body.contains("n4444"), "{body}");
+        }
+
         // A bad wait is refused as before.
         let (st, _, _) = http(a, "GET", &format!("{path}&index={now}&wait=soon"), "");
         assert_eq!(st, 400);

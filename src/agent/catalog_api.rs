@@ -2,7 +2,10 @@
 //! agent that runs a server, with `?near=` (§2.6): results sorted, stably,
 //! by the estimated RTT from the named node (`_agent`: this one) using the
 //! LAN coordinate table this agent holds; nodes without a coordinate last,
-//! nothing filtered. Reads block on `?index=&wait=`.
+//! nothing filtered. Reads block on `?index=&wait=`; the lists (nodes,
+//! a service's instances and checks, checks by state) go through
+//! [`super::watch`], so their watchers share one rendering and answer
+//! only when their answer changes.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -251,20 +254,6 @@ impl CatalogApi {
         let body = r.body(source, |items| self.sort_near(p, items, |(n, _)| n));
         reply_body(body, r.index)
     }
-
-    /// Answers `(node, entry)` pairs as a JSON array, sorted by `?near=`.
-    fn near_reply(
-        &self,
-        p: &[(String, String)],
-        mut list: Vec<(String, Value)>,
-        index: u64,
-    ) -> Response {
-        self.sort_near(p, &mut list, |(n, _)| n);
-        reply(
-            &Value::Array(list.into_iter().map(|(_, v)| v).collect()),
-            index,
-        )
-    }
 }
 
 fn health_of(s: &str) -> Option<Health> {
@@ -394,19 +383,14 @@ pub async fn datacenters(State(api): State<Arc<CatalogApi>>) -> Response {
 
 /// `GET /v1/catalog/nodes`.
 pub async fn nodes(State(api): State<Arc<CatalogApi>>, Query(p): Params) -> Response {
-    if let Err(r) = block(&api.server, &p, |c| c.indexes().nodes).await {
-        return r;
-    }
-    let (mut list, index) = api.server.read(|c| {
-        let list: Vec<Node> = c
-            .nodes()
+    let render = |c: &Catalog| {
+        c.nodes()
             .filter(|n| meta_ok(&p, &n.meta))
-            .cloned()
-            .collect();
-        (list, c.indexes().nodes)
-    });
-    api.sort_near(&p, &mut list, |n| &n.name);
-    reply(&Value::Array(list.iter().map(node_json).collect()), index)
+            .map(|n| (n.name.clone(), node_json(n)))
+            .collect()
+    };
+    api.shared_read("catalog/nodes", "", &p, |c| c.indexes().nodes, render)
+        .await
 }
 
 /// `GET /v1/catalog/services`.
@@ -547,10 +531,7 @@ pub async fn health_checks(
     Path(name): Path<String>,
     Query(p): Params,
 ) -> Response {
-    if let Err(r) = block(&api.server, &p, health_index).await {
-        return r;
-    }
-    let (list, index) = api.server.read(|c| {
+    let render = |c: &Catalog| {
         let mut list = Vec::new();
         for (n, s) in c
             .service_instances(&name)
@@ -560,9 +541,10 @@ pub async fn health_checks(
                 list.push((n.name.clone(), check_json(c, &n.name, k)));
             }
         }
-        (list, health_index(c))
-    });
-    api.near_reply(&p, list, index)
+        list
+    };
+    api.shared_read("health/checks", &name, &p, health_index, render)
+        .await
 }
 
 /// `GET /v1/health/state/:state` (`any`, `passing`, `warning`, `critical`).
@@ -578,10 +560,7 @@ pub async fn health_state(
             None => return text(StatusCode::BAD_REQUEST, "Invalid state"),
         },
     };
-    if let Err(r) = block(&api.server, &p, |c| c.indexes().checks).await {
-        return r;
-    }
-    let (list, index) = api.server.read(|c| {
+    let render = |c: &Catalog| {
         let mut list = Vec::new();
         for n in c.nodes().filter(|n| meta_ok(&p, &n.meta)) {
             for k in c.node_checks(&n.name) {
@@ -590,9 +569,10 @@ pub async fn health_state(
                 }
             }
         }
-        (list, c.indexes().checks)
-    });
-    api.near_reply(&p, list, index)
+        list
+    };
+    api.shared_read("health/state", &state, &p, |c| c.indexes().checks, render)
+        .await
 }
 
 /// The catalog and health routes.
