@@ -1317,7 +1317,11 @@ mod tests {
         f.ok(node("10.0.0.1"));
         f.ok(svc(80));
         f.ok(chk(Health::Passing));
-        assert_eq!(f.c.indexes(), before, "an identical re-registration moved an index");
+        assert_eq!(
+            f.c.indexes(),
+            before,
+            "an identical re-registration moved an index"
+        );
         assert_eq!(f.c.node("n1").unwrap().modify_index, modified);
         // Any difference is a change.
         f.ok(node("10.0.0.9"));
