@@ -654,6 +654,7 @@ async fn register_self(
                 name: "Serf Health Status".into(),
                 status: Health::Passing,
                 output: "Agent alive and reachable".into(),
+                notes: String::new(),
                 service_id: String::new(),
                 create_index: 0,
                 modify_index: 0,

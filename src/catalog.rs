@@ -161,6 +161,8 @@ pub struct Check {
     pub status: Health,
     /// Last output.
     pub output: String,
+    /// What the registrant wrote about it (Consul's `Notes`).
+    pub notes: String,
     /// The service it belongs to ("" = the node).
     pub service_id: String,
     /// Raft index of its creation.
@@ -1006,6 +1008,7 @@ mod tests {
             name: id.into(),
             status,
             output: String::new(),
+            notes: String::new(),
             service_id: service.into(),
             create_index: 0,
             modify_index: 0,

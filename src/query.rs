@@ -1872,6 +1872,7 @@ mod tests {
             name: id.into(),
             status,
             output: String::new(),
+            notes: String::new(),
             service_id: service.into(),
             create_index: 0,
             modify_index: 0,

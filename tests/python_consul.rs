@@ -467,6 +467,7 @@ assert c.agent.check.register('cache-extra', check=consul.Check.ttl('60s'), serv
 assert c.agent.check.register('leader-up', check=consul.Check.http(ok_url, '1s')) is True
 ks = c.agent.checks()
 assert ks['disk-1']['Name'] == 'disk' and ks['disk-1']['ServiceID'] == '' and ks['disk-1']['Status'] == 'critical', ks
+assert ks['disk-1']['Notes'] == 'watch the disk', ks
 assert ks['cache-extra']['ServiceID'] == 'cache' and ks['cache-extra']['ServiceName'] == 'cache', ks
 wait_status('leader-up', 'passing')
 assert c.agent.check.ttl_warn('disk-1', 'filling') is True
@@ -474,6 +475,7 @@ assert c.agent.check.ttl_pass('cache-extra', 'ok') is True
 idx, hn = c.health.node(node)
 by_id = {x['CheckID']: x for x in hn}
 assert by_id['disk-1']['Status'] == 'warning' and by_id['disk-1']['Output'] == 'filling', by_id
+assert by_id['disk-1']['Notes'] == 'watch the disk', by_id
 assert by_id['cache-extra']['Status'] == 'passing' and by_id['cache-extra']['ServiceID'] == 'cache', by_id
 assert c.agent.check.deregister('disk-1') is True
 assert 'disk-1' not in c.agent.checks()
@@ -498,7 +500,7 @@ assert len(c.health.service('cache', passing=True)[1]) == 1
 assert c.agent.service.maintenance('cache', True, 'upgrade') is True
 k = c.agent.checks()['_service_maintenance:cache']
 assert k['Status'] == 'critical' and k['Name'] == 'Service Maintenance Mode', k
-assert k['ServiceID'] == 'cache' and k['Output'] == 'upgrade', k
+assert k['ServiceID'] == 'cache' and k['Notes'] == 'upgrade', k
 assert c.health.service('cache', passing=True)[1] == []
 idx, hs = c.health.service('cache')
 assert '_service_maintenance:cache' in [x['CheckID'] for x in hs[0]['Checks']], hs
@@ -510,7 +512,7 @@ assert c.agent.service.maintenance('ghost', True) is False
 # Node maintenance: every instance on the node goes.
 assert c.agent.maintenance(True, 'kernel') is True
 k = c.agent.checks()['_node_maintenance']
-assert k['Status'] == 'critical' and k['ServiceID'] == '' and k['Output'] == 'kernel', k
+assert k['Status'] == 'critical' and k['ServiceID'] == '' and k['Notes'] == 'kernel', k
 assert k['Name'] == 'Node Maintenance Mode', k
 assert c.health.service('cache', passing=True)[1] == []
 assert c.health.service('db', passing=True)[1] == []

@@ -200,6 +200,7 @@ impl AgentServices {
             name,
             status,
             output: String::new(),
+            notes: str_of(c, "Notes"),
             service_id,
             create_index: 0,
             modify_index: 0,
@@ -491,7 +492,7 @@ pub async fn checks(State(st): State<Arc<AgentServices>>) -> Response {
             (
                 k.id.clone(),
                 json!({"Node": st.node, "CheckID": k.id, "Name": k.name, "Status": k.status.as_str(),
-                       "Notes": "", "Output": k.output, "ServiceID": k.service_id,
+                       "Notes": k.notes, "Output": k.output, "ServiceID": k.service_id,
                        "ServiceName": names.get(&k.service_id).cloned().unwrap_or_default()}),
             )
         })
@@ -600,8 +601,8 @@ impl AgentServices {
     /// Starts or ends maintenance of the node (`service_id` empty) or of
     /// one of its services: as in Consul, a critical check
     /// (`_node_maintenance`, `_service_maintenance:<id>`) that takes the
-    /// node's or the service's instances out of passing answers. The
-    /// catalog keeps no check `Notes`, so the reason goes to `Output`.
+    /// node's or the service's instances out of passing answers, with
+    /// the reason (or Consul's default text) as its `Notes`.
     async fn maintenance(
         &self,
         service_id: &str,
@@ -638,7 +639,7 @@ impl AgentServices {
         if known {
             return Ok(());
         }
-        let output = if reason.is_empty() {
+        let notes = if reason.is_empty() {
             format!(
                 "Maintenance mode is enabled for this {what}, but no reason was provided. This is a default message."
             )
@@ -649,7 +650,8 @@ impl AgentServices {
             id,
             name: name.to_string(),
             status: Health::Critical,
-            output,
+            output: String::new(),
+            notes,
             service_id: service_id.to_string(),
             create_index: 0,
             modify_index: 0,
