@@ -472,7 +472,7 @@ impl Agent {
                 let _ = server.initialize(me).await;
             }
             app = app.merge(kv::router(server.clone()));
-            app = app.merge(status::router(server.clone()));
+            app = app.merge(status::router(server.clone(), shared.clone()));
             app = app.merge(catalog_api::router(server.clone(), shared.clone()));
             let sessions =
                 session::Sessions::new(server.clone(), cfg.node.clone(), cfg.session_ttl_min);

@@ -217,6 +217,7 @@ async fn kv_follows_consul() {
     let (_, _, body) = call(a, "GET", "/v1/operator/raft/configuration", b"").await;
     let servers = &json(&body)["Servers"];
     assert_eq!(servers[0]["Address"], rpc.as_str());
+    assert_eq!(servers[0]["Node"], "kv-node", "the node name, as Consul");
     assert_eq!(
         (
             servers[0]["Leader"].as_bool(),

@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::Shared;
 use crate::server::Server;
 
 /// `GET /v1/status/leader`: the leader's RPC address as a JSON string,
@@ -31,15 +32,30 @@ pub async fn peers(State(server): State<Arc<Server>>) -> Response {
     axum::Json(json!(list)).into_response()
 }
 
-/// `GET /v1/operator/raft/configuration`.
-pub async fn configuration(State(server): State<Arc<Server>>) -> Response {
+/// Raft IDs' node names: this server's, and those gossip shows.
+fn server_names(shared: &Shared, server: &Server) -> HashMap<u64, String> {
+    let mut names: HashMap<u64, String> = shared
+        .gossip
+        .lock()
+        .expect("not poisoned")
+        .membership_iter()
+        .filter_map(|(id, _)| Some((id.server?.raft_id, id.name.clone())))
+        .collect();
+    names.insert(server.id, shared.node.clone());
+    names
+}
+
+/// `GET /v1/operator/raft/configuration`: `Node` is the server's node
+/// name when gossip knows it.
+pub async fn configuration(server: &Server, shared: &Shared) -> Response {
     let (members, leader) = server.configuration();
+    let names = server_names(shared, server);
     let servers: Vec<Value> = members
         .into_iter()
         .map(|(id, addr, voter)| {
             json!({
                 "ID": id.to_string(),
-                "Node": format!("server-{id}"),
+                "Node": names.get(&id).cloned().unwrap_or_else(|| format!("server-{id}")),
                 "Address": addr,
                 "Leader": Some(id) == leader,
                 "Voter": voter,
@@ -86,12 +102,17 @@ pub async fn remove_peer(
 }
 
 /// The routes.
-pub fn router(server: Arc<Server>) -> axum::Router {
+pub fn router(server: Arc<Server>, shared: Arc<Shared>) -> axum::Router {
     use axum::routing::{delete, get};
     axum::Router::new()
         .route("/v1/status/leader", get(leader))
         .route("/v1/status/peers", get(peers))
-        .route("/v1/operator/raft/configuration", get(configuration))
+        .route(
+            "/v1/operator/raft/configuration",
+            get(move |State(server): State<Arc<Server>>| async move {
+                configuration(&server, &shared).await
+            }),
+        )
         .route("/v1/operator/raft/peer", delete(remove_peer))
         .with_state(server)
 }
