@@ -99,7 +99,7 @@ pub struct Rendered {
 
 impl Rendered {
     /// The body as a JSON array, in the order `sort` gives; built once per
-    /// `source` and reused for [`BODY_TTL`].
+    /// `source` and reused for a second (`BODY_TTL`).
     pub fn body(&self, source: &str, sort: impl FnOnce(&mut [&(String, Value)])) -> Bytes {
         if let Some((at, b)) = self.bodies.lock().expect("not poisoned").get(source)
             && at.elapsed() < BODY_TTL
