@@ -8,8 +8,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -19,24 +18,10 @@ use tomo::server::ServerConfig;
 
 /// One HTTP/1.1 exchange: (status, X-Consul-Index, body).
 fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, u64, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let out = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    let status = head[9..12].parse().unwrap();
-    let index = head
-        .lines()
-        .find_map(|l| l.strip_prefix("x-consul-index: "))
-        .map_or(0, |v| v.trim().parse().unwrap());
-    (status, index, body.to_string())
+    let a = common::http_full(method, addr.port(), path, body, Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("{method} {path}: no answer"));
+    let index = a.header("x-consul-index").map_or(0, |v| v.parse().unwrap());
+    (a.status, index, a.body)
 }
 
 fn ok(addr: SocketAddr, method: &str, path: &str, body: &str) {

@@ -272,19 +272,28 @@ pub async fn renew(State(st): State<Arc<Sessions>>, Path(id): Path<String>) -> R
     super::catalog_api::reply(&json!([session_json(&s)]), st.server.applied())
 }
 
-/// Holds a session read with `?index=N` until the session table's index
-/// passes N or the wait runs out: every session read is a blocking query
-/// (python-consul's `session.list/node/info(index=, wait=)`).
-async fn block(st: &Sessions, p: &HashMap<String, String>) -> Result<(), Response> {
+/// Answers a session read, the sessions `keep` admits: with `?index=N`
+/// it waits until the session table's index passes N or the wait runs
+/// out, since every session read is a blocking query (python-consul's
+/// `session.list/node/info(index=, wait=)`).
+async fn sessions(
+    st: &Sessions,
+    p: &HashMap<String, String>,
+    keep: impl Fn(&Session) -> bool,
+) -> Response {
     let q = |k: &str| p.get(k).map(String::as_str);
     match super::wire::blocking(q("index"), q("wait")) {
-        Err(e) => Err(text(StatusCode::BAD_REQUEST, e)),
-        Ok(None) => Ok(()),
+        Err(e) => return text(StatusCode::BAD_REQUEST, e),
+        Ok(None) => {}
         Ok(Some((index, deadline))) => {
             super::wire::wait_catalog(&st.server, index, deadline, |c| c.indexes().sessions).await;
-            Ok(())
         }
     }
+    let (list, index) = st.server.read(|c| {
+        let list: Vec<Value> = c.sessions().filter(|s| keep(s)).map(session_json).collect();
+        (list, c.indexes().sessions)
+    });
+    super::catalog_api::reply(&Value::Array(list), index)
 }
 
 /// `GET /v1/session/info/:id`: `[session]`, or `[]` when unknown.
@@ -293,19 +302,7 @@ pub async fn info(
     Path(id): Path<String>,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = block(&st, &p).await {
-        return r;
-    }
-    let (list, index) = st.server.read(|c| {
-        (
-            c.session(&id)
-                .map(session_json)
-                .into_iter()
-                .collect::<Vec<_>>(),
-            c.indexes().sessions,
-        )
-    });
-    super::catalog_api::reply(&Value::Array(list), index)
+    sessions(&st, &p, |s| s.id == id).await
 }
 
 /// `GET /v1/session/node/:node`.
@@ -314,19 +311,7 @@ pub async fn node(
     Path(node): Path<String>,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = block(&st, &p).await {
-        return r;
-    }
-    let (list, index) = st.server.read(|c| {
-        (
-            c.sessions()
-                .filter(|s| s.node == node)
-                .map(session_json)
-                .collect::<Vec<_>>(),
-            c.indexes().sessions,
-        )
-    });
-    super::catalog_api::reply(&Value::Array(list), index)
+    sessions(&st, &p, |s| s.node == node).await
 }
 
 /// `GET /v1/session/list`.
@@ -334,16 +319,7 @@ pub async fn list(
     State(st): State<Arc<Sessions>>,
     Query(p): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = block(&st, &p).await {
-        return r;
-    }
-    let (list, index) = st.server.read(|c| {
-        (
-            c.sessions().map(session_json).collect::<Vec<_>>(),
-            c.indexes().sessions,
-        )
-    });
-    super::catalog_api::reply(&Value::Array(list), index)
+    sessions(&st, &p, |_| true).await
 }
 
 /// The session routes.
